@@ -1,0 +1,55 @@
+"""The exception tree of mongo-outbox.
+
+Every error the library raises derives from :class:`OutboxError`; driver and Google errors are
+mapped at the boundary with ``raise ... from exc`` so the cause stays visible.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "ConnectError",
+    "LeaseLostError",
+    "OutboxError",
+    "PermanentPublishError",
+    "PoisonEventError",
+    "PublishError",
+    "TransientPublishError",
+    "ValidationError",
+]
+
+
+class OutboxError(Exception):
+    """Base class of every mongo-outbox error."""
+
+
+class ConfigurationError(OutboxError):
+    """The library or relay is configured wrongly (bad flag, standalone server...)."""
+
+
+class ConnectError(OutboxError):
+    """A service (MongoDB, Pub/Sub) cannot be reached."""
+
+
+class ValidationError(OutboxError, ValueError):
+    """An event breaks a rule (payload type, Pub/Sub limits); raised by ``emit`` before commit."""
+
+
+class PoisonEventError(ValidationError):
+    """An outbox document cannot be turned into a message (missing or wrong fields)."""
+
+
+class PublishError(OutboxError):
+    """Publishing a message failed."""
+
+
+class TransientPublishError(PublishError):
+    """A publish failure that may succeed on retry (unavailable, deadline, quota)."""
+
+
+class PermanentPublishError(PublishError):
+    """A publish failure that retrying as is will not fix (bad topic, refused message)."""
+
+
+class LeaseLostError(OutboxError):
+    """The relay no longer holds the lease of its outbox and must stop publishing."""

@@ -1,0 +1,305 @@
+"""Events: payload encoding, validation against Pub/Sub limits, outbox documents, messages.
+
+Everything here is pure: no I/O, so both the write side and the relay share it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import decimal
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bson import Decimal128, ObjectId
+from bson.int64 import Int64
+
+from ._errors import PoisonEventError, ValidationError
+
+__all__ = [
+    "ATTR_CREATED_AT",
+    "ATTR_EVENT_ID",
+    "ATTR_EVENT_TYPE",
+    "MAX_ATTRIBUTES",
+    "MAX_MESSAGE_BYTES",
+    "MAX_ORDERING_KEY_BYTES",
+    "Message",
+    "build_document",
+    "encode_payload",
+    "format_timestamp",
+    "message_from_document",
+]
+
+ATTR_EVENT_ID = "outbox_event_id"
+ATTR_EVENT_TYPE = "outbox_event_type"
+ATTR_CREATED_AT = "outbox_created_at"
+RESERVED_ATTRIBUTES = frozenset({ATTR_EVENT_ID, ATTR_EVENT_TYPE, ATTR_CREATED_AT})
+
+#: Pub/Sub limits (https://cloud.google.com/pubsub/quotas#resource_limits).
+MAX_MESSAGE_BYTES = 10_000_000
+MAX_ATTRIBUTES = 100
+MAX_ORDERING_KEY_BYTES = 1024
+MAX_ATTRIBUTE_KEY_BYTES = 256
+MAX_ATTRIBUTE_VALUE_BYTES = 1024
+MAX_TYPE_BYTES = MAX_ATTRIBUTE_VALUE_BYTES
+
+STATUS_PENDING = "pending"
+STATUS_PUBLISHED = "published"
+STATUS_DEAD = "dead"
+
+# A topic id, or a full "projects/<p>/topics/<t>" path.
+_TOPIC_ID = r"[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}"
+_TOPIC_RE = re.compile(rf"(?:projects/[a-z][a-z0-9\-.:]{{4,62}}/topics/)?{_TOPIC_ID}")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, ObjectId):
+        return str(value)
+    if isinstance(value, _dt.datetime):
+        return format_timestamp(value)
+    if isinstance(value, _dt.date):
+        return value.isoformat()
+    if isinstance(value, Decimal128):
+        return str(value.to_decimal())
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"object of type {type(value).__name__} is not JSON serializable")
+
+
+def encode_payload(payload: Mapping[str, Any] | bytes | str) -> bytes:
+    """Encode a payload as the bytes to publish.
+
+    ``dict`` becomes compact UTF-8 JSON (ObjectId and UUID as strings, datetime as ISO 8601 UTC,
+    Decimal/Decimal128 as decimal strings, bytes as base64); ``bytes`` pass as they are; ``str``
+    is encoded as UTF-8.
+    """
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, (bytearray, memoryview)):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    if isinstance(payload, Mapping):
+        try:
+            text = json.dumps(
+                payload,
+                default=_json_default,
+                ensure_ascii=False,
+                allow_nan=False,
+                separators=(",", ":"),
+            )
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ValidationError(
+                f"payload cannot be encoded as JSON: {exc}; pass JSON-compatible values "
+                "(or ObjectId, datetime, Decimal, UUID), or encode it yourself and pass bytes"
+            ) from exc
+        return text.encode("utf-8")
+    raise ValidationError(f"payload must be a dict, bytes or str, not {type(payload).__name__}")
+
+
+def format_timestamp(value: _dt.datetime) -> str:
+    """ISO 8601 in UTC with millisecond precision, e.g. ``2026-11-27T06:37:30.123Z``.
+
+    Naive datetimes are taken as UTC (PyMongo returns naive UTC by default).
+    """
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=_dt.timezone.utc)
+    else:
+        value = value.astimezone(_dt.timezone.utc)
+    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def utcnow() -> _dt.datetime:
+    """Now in UTC, truncated to the millisecond that BSON datetimes keep."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def _utf8_len(value: str) -> int:
+    return len(value.encode("utf-8"))
+
+
+def _check_type(event_type: Any) -> str:
+    if not isinstance(event_type, str) or not event_type:
+        raise ValidationError(f"event type must be a non-empty str, got {event_type!r}")
+    if _utf8_len(event_type) > MAX_TYPE_BYTES:
+        raise ValidationError(
+            f"event type is longer than {MAX_TYPE_BYTES} bytes (it is sent as an attribute value)"
+        )
+    return event_type
+
+
+def check_topic(topic: Any) -> str | None:
+    """Return ``topic`` if it is None or a valid Pub/Sub topic id or path."""
+    if topic is None:
+        return None
+    if not isinstance(topic, str) or not _TOPIC_RE.fullmatch(topic):
+        raise ValidationError(
+            f"invalid topic {topic!r}: use a topic id (3-255 characters: letters, digits, "
+            "- _ . ~ + %, starting with a letter) or projects/<project>/topics/<id>"
+        )
+    if topic.rsplit("/", 1)[-1].startswith("goog"):
+        raise ValidationError(f"invalid topic {topic!r}: topic ids must not start with 'goog'")
+    return topic
+
+
+def _check_key(key: Any) -> str | None:
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key:
+        raise ValidationError(f"ordering key must be a non-empty str or None, got {key!r}")
+    if _utf8_len(key) > MAX_ORDERING_KEY_BYTES:
+        raise ValidationError(
+            f"ordering key is {_utf8_len(key)} bytes; Pub/Sub allows at most "
+            f"{MAX_ORDERING_KEY_BYTES}: use a shorter key (a hash of it, for instance)"
+        )
+    return key
+
+
+def _check_attributes(attributes: Any) -> dict[str, str]:
+    if attributes is None:
+        return {}
+    if not isinstance(attributes, Mapping):
+        raise ValidationError(
+            f"attributes must be a dict of str to str, not {type(attributes).__name__}"
+        )
+    limit = MAX_ATTRIBUTES - len(RESERVED_ATTRIBUTES)
+    if len(attributes) > limit:
+        raise ValidationError(
+            f"{len(attributes)} attributes given; Pub/Sub allows {MAX_ATTRIBUTES} per message "
+            f"and mongo-outbox adds {len(RESERVED_ATTRIBUTES)}, so at most {limit}: "
+            "move the rest into the payload"
+        )
+    checked: dict[str, str] = {}
+    for name, value in attributes.items():
+        if not isinstance(name, str) or not name:
+            raise ValidationError(f"attribute keys must be non-empty str, got {name!r}")
+        if not isinstance(value, str):
+            raise ValidationError(f"attribute {name!r} must be a str, not {type(value).__name__}")
+        if name.startswith("goog"):
+            raise ValidationError(
+                f"attribute key {name!r} starts with 'goog', which Pub/Sub reserves: rename it"
+            )
+        if name in RESERVED_ATTRIBUTES:
+            raise ValidationError(f"attribute key {name!r} is reserved by mongo-outbox: rename it")
+        if _utf8_len(name) > MAX_ATTRIBUTE_KEY_BYTES:
+            raise ValidationError(
+                f"attribute key {name[:40]!r}... is longer than {MAX_ATTRIBUTE_KEY_BYTES} bytes"
+            )
+        if _utf8_len(value) > MAX_ATTRIBUTE_VALUE_BYTES:
+            raise ValidationError(
+                f"attribute {name!r} has a value longer than {MAX_ATTRIBUTE_VALUE_BYTES} bytes: "
+                "move it into the payload"
+            )
+        checked[name] = value
+    return checked
+
+
+def _message_size(data: bytes, attributes: Mapping[str, str], key: str | None) -> int:
+    size = len(data) + (_utf8_len(key) if key else 0)
+    for name, value in attributes.items():
+        size += _utf8_len(name) + _utf8_len(value)
+    return size
+
+
+# Bytes taken by the three reserved attributes: names plus the longest values they can have
+# (a 24-character hex id, a 24-character timestamp); the type's length is added per event.
+_RESERVED_OVERHEAD = sum(len(n) for n in RESERVED_ATTRIBUTES) + 24 + 24
+
+
+def build_document(
+    event_type: Any,
+    payload: Any,
+    *,
+    topic: Any = None,
+    key: Any = None,
+    attributes: Any = None,
+    event_id: ObjectId | None = None,
+    created_at: _dt.datetime | None = None,
+) -> dict[str, Any]:
+    """Validate an event and return its outbox document (raises :class:`ValidationError`)."""
+    event_type = _check_type(event_type)
+    topic = check_topic(topic)
+    key = _check_key(key)
+    attrs = _check_attributes(attributes)
+    data = encode_payload(payload)
+    size = _message_size(data, attrs, key) + _RESERVED_OVERHEAD + _utf8_len(event_type)
+    if size > MAX_MESSAGE_BYTES:
+        raise ValidationError(
+            f"event {event_type!r} would make a {size:,}-byte message; Pub/Sub accepts at most "
+            f"{MAX_MESSAGE_BYTES:,} bytes of data and attributes: store the body elsewhere "
+            "and publish a reference to it"
+        )
+    return {
+        "_id": event_id if event_id is not None else ObjectId(),
+        "type": event_type,
+        "topic": topic,
+        "key": key,
+        "payload": data,
+        "attributes": attrs,
+        "created_at": created_at if created_at is not None else utcnow(),
+        "status": STATUS_PENDING,
+        "attempts": 0,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message ready to publish: what the relay hands to a :class:`Publisher`."""
+
+    event_id: ObjectId
+    topic: str | None
+    data: bytes
+    ordering_key: str | None
+    attributes: Mapping[str, str]
+
+
+def message_from_document(doc: Mapping[str, Any]) -> Message:
+    """Turn an outbox document into a :class:`Message`.
+
+    Raises :class:`PoisonEventError` naming what is wrong when the document cannot be published
+    (written by hand, by another program or by an incompatible version).
+    """
+    event_id = doc.get("_id")
+    if not isinstance(event_id, ObjectId):
+        raise PoisonEventError(f"_id must be an ObjectId, got {type(event_id).__name__}")
+    event_type = doc.get("type")
+    if not isinstance(event_type, str) or not event_type:
+        raise PoisonEventError(f"field 'type' must be a non-empty string, got {event_type!r}")
+    payload = doc.get("payload")
+    if not isinstance(payload, bytes):
+        raise PoisonEventError(f"field 'payload' must be binary data, got {type(payload).__name__}")
+    created_at = doc.get("created_at")
+    if not isinstance(created_at, _dt.datetime):
+        raise PoisonEventError(
+            f"field 'created_at' must be a date, got {type(created_at).__name__}"
+        )
+    try:
+        topic = check_topic(doc.get("topic"))
+        key = _check_key(doc.get("key"))
+        attrs = _check_attributes(doc.get("attributes"))
+    except ValidationError as exc:
+        raise PoisonEventError(str(exc)) from exc
+    attributes = dict(attrs)
+    attributes[ATTR_EVENT_ID] = str(event_id)
+    attributes[ATTR_EVENT_TYPE] = event_type
+    attributes[ATTR_CREATED_AT] = format_timestamp(created_at)
+    return Message(event_id, topic, payload, key, attributes)
+
+
+def attempts_of(doc: Mapping[str, Any]) -> int:
+    """The ``attempts`` counter of a document, tolerating a missing or odd value."""
+    value = doc.get("attempts", 0)
+    if isinstance(value, (int, Int64)) and not isinstance(value, bool):
+        return int(value)
+    return 0

@@ -1,0 +1,366 @@
+"""The write side: commit domain writes and outbox events in one transaction.
+
+A sans-I/O :class:`_EventBuffer` validates and collects events; thin sync and async shells run
+the transaction around it and write the buffered events with one ``insert_many`` before commit.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+from bson import ObjectId
+from pymongo import AsyncMongoClient, MongoClient
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+from pymongo.write_concern import WriteConcern
+
+from ._errors import ConfigurationError
+from ._event import build_document
+
+__all__ = [
+    "AsyncOutboxTransaction",
+    "OutboxTransaction",
+    "outbox_transaction",
+    "run_in_outbox_transaction",
+]
+
+T = TypeVar("T")
+
+# PyMongo's with_transaction gives up retrying after 120 seconds; the commit retry here does too.
+_COMMIT_RETRY_SECONDS = 120.0
+_UNKNOWN_COMMIT = "UnknownTransactionCommitResult"
+_MAX_TIME_EXPIRED = 50
+_DEFAULT_WRITE_CONCERN = WriteConcern("majority")
+
+
+def _is_async_client(client: Any) -> bool:
+    if isinstance(client, MongoClient):
+        return False
+    if isinstance(client, AsyncMongoClient):
+        return True
+    if type(client).__module__.startswith("motor."):
+        return True
+    raise TypeError(
+        "outbox transactions need a pymongo.MongoClient, a pymongo.AsyncMongoClient or a Motor "
+        f"client, not {type(client).__name__} (mongomock has no transactions)"
+    )
+
+
+def _database_name(client: Any, database: str | None) -> str:
+    if database:
+        return database
+    try:
+        return str(client.get_default_database().name)
+    except (ConfigurationError, PyMongoError, TypeError) as exc:
+        raise ConfigurationError(
+            "no database given: pass database=... or put one in the connection string"
+        ) from exc
+
+
+def _commit_should_retry(exc: PyMongoError, started: float) -> bool:
+    if time.monotonic() - started >= _COMMIT_RETRY_SECONDS:
+        return False
+    if not exc.has_error_label(_UNKNOWN_COMMIT):
+        return False
+    return not (isinstance(exc, OperationFailure) and exc.code == _MAX_TIME_EXPIRED)
+
+
+class _EventBuffer:
+    """Validated outbox documents waiting for the commit."""
+
+    __slots__ = ("_docs",)
+
+    def __init__(self) -> None:
+        self._docs: list[dict[str, Any]] = []
+
+    def emit(
+        self,
+        event_type: str,
+        payload: Mapping[str, Any] | bytes | str,
+        *,
+        topic: str | None = None,
+        key: str | None = None,
+        attributes: Mapping[str, str] | None = None,
+    ) -> ObjectId:
+        doc = build_document(event_type, payload, topic=topic, key=key, attributes=attributes)
+        self._docs.append(doc)
+        event_id: ObjectId = doc["_id"]
+        return event_id
+
+    def take(self) -> list[dict[str, Any]]:
+        docs, self._docs = self._docs, []
+        return docs
+
+
+class _TransactionBase:
+    def __init__(self, client: Any, database: str | None, collection: str) -> None:
+        self._client = client
+        self._database = _database_name(client, database)
+        self._collection_name = collection
+        self._events = _EventBuffer()
+        self._session: Any = None
+
+    @property
+    def session(self) -> Any:
+        """The client session of the transaction: pass it to every domain write."""
+        if self._session is None:
+            raise RuntimeError("the outbox transaction has not started: use it in a with block")
+        return self._session
+
+    @property
+    def database(self) -> str:
+        """Name of the database holding the outbox collection."""
+        return self._database
+
+    def emit(
+        self,
+        event_type: str,
+        payload: Mapping[str, Any] | bytes | str,
+        *,
+        topic: str | None = None,
+        key: str | None = None,
+        attributes: Mapping[str, str] | None = None,
+    ) -> ObjectId:
+        """Validate an event and queue it for the commit; return its event id.
+
+        ``payload`` is a dict (published as JSON), bytes (as is) or str (UTF-8). ``topic`` falls
+        back to the relay's default topic; events with the same ``key`` are published in
+        commit order. Raises :class:`~mongo_outbox.ValidationError` at once when the event
+        breaks a rule or a Pub/Sub limit; nothing has been written then.
+        """
+        return self._events.emit(event_type, payload, topic=topic, key=key, attributes=attributes)
+
+    def _collection(self) -> Any:
+        return self._client[self._database][self._collection_name]
+
+
+class OutboxTransaction(_TransactionBase):
+    """A transaction on a :class:`pymongo.MongoClient` that can emit outbox events."""
+
+    def __init__(
+        self,
+        client: MongoClient[Any],
+        database: str | None = None,
+        collection: str = "outbox",
+        *,
+        write_concern: WriteConcern | None = None,
+        session: Any = None,
+    ) -> None:
+        super().__init__(client, database, collection)
+        self._write_concern = write_concern or _DEFAULT_WRITE_CONCERN
+        self._session = session
+        self._owns_session = session is None
+
+    def _flush(self) -> None:
+        docs = self._events.take()
+        if docs:
+            self._collection().insert_many(docs, ordered=True, session=self._session)
+
+    def __enter__(self) -> OutboxTransaction:
+        self._session = self._client.start_session()
+        self._session.start_transaction(write_concern=self._write_concern)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        session = self._session
+        try:
+            if exc_type is not None:
+                session.abort_transaction()
+                return
+            try:
+                self._flush()
+            except BaseException:
+                session.abort_transaction()
+                raise
+            started = time.monotonic()
+            while True:
+                try:
+                    session.commit_transaction()
+                    return
+                except (ConnectionFailure, OperationFailure) as err:
+                    if not _commit_should_retry(err, started):
+                        raise
+        finally:
+            session.end_session()
+            self._session = None
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+class AsyncOutboxTransaction(_TransactionBase):
+    """A transaction on a PyMongo ``AsyncMongoClient`` or a Motor client."""
+
+    def __init__(
+        self,
+        client: Any,
+        database: str | None = None,
+        collection: str = "outbox",
+        *,
+        write_concern: WriteConcern | None = None,
+        session: Any = None,
+    ) -> None:
+        super().__init__(client, database, collection)
+        self._write_concern = write_concern or _DEFAULT_WRITE_CONCERN
+        self._session = session
+
+    async def _flush(self) -> None:
+        docs = self._events.take()
+        if docs:
+            await self._collection().insert_many(docs, ordered=True, session=self._session)
+
+    async def __aenter__(self) -> AsyncOutboxTransaction:
+        # PyMongo's start_session is plain and start_transaction a coroutine; Motor the reverse.
+        self._session = await _maybe_await(self._client.start_session())
+        await _maybe_await(self._session.start_transaction(write_concern=self._write_concern))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        session = self._session
+        try:
+            if exc_type is not None:
+                await session.abort_transaction()
+                return
+            try:
+                await self._flush()
+            except BaseException:
+                await session.abort_transaction()
+                raise
+            started = time.monotonic()
+            while True:
+                try:
+                    await session.commit_transaction()
+                    return
+                except (ConnectionFailure, OperationFailure) as err:
+                    if not _commit_should_retry(err, started):
+                        raise
+        finally:
+            await _maybe_await(session.end_session())
+            self._session = None
+
+
+@overload
+def outbox_transaction(
+    client: MongoClient[Any],
+    database: str | None = ...,
+    collection: str = ...,
+    *,
+    write_concern: WriteConcern | None = ...,
+) -> OutboxTransaction: ...
+
+
+@overload
+def outbox_transaction(
+    client: AsyncMongoClient[Any],
+    database: str | None = ...,
+    collection: str = ...,
+    *,
+    write_concern: WriteConcern | None = ...,
+) -> AsyncOutboxTransaction: ...
+
+
+def outbox_transaction(
+    client: Any,
+    database: str | None = None,
+    collection: str = "outbox",
+    *,
+    write_concern: WriteConcern | None = None,
+) -> OutboxTransaction | AsyncOutboxTransaction:
+    """Open a transaction whose domain writes and emitted events commit together.
+
+    Use ``with`` for a :class:`pymongo.MongoClient`, ``async with`` for an ``AsyncMongoClient``
+    or a Motor client. Leaving the block writes the events and commits (retrying the commit
+    on ``UnknownTransactionCommitResult``); an exception aborts everything and propagates.
+    The body is not re-run on transient errors: use :func:`run_in_outbox_transaction` for that.
+    ``write_concern`` defaults to majority.
+    """
+    if _is_async_client(client):
+        return AsyncOutboxTransaction(client, database, collection, write_concern=write_concern)
+    return OutboxTransaction(client, database, collection, write_concern=write_concern)
+
+
+@overload
+def run_in_outbox_transaction(
+    client: MongoClient[Any],
+    fn: Callable[[OutboxTransaction], T],
+    *,
+    database: str | None = ...,
+    collection: str = ...,
+    write_concern: WriteConcern | None = ...,
+) -> T: ...
+
+
+@overload
+def run_in_outbox_transaction(
+    client: AsyncMongoClient[Any],
+    fn: Callable[[AsyncOutboxTransaction], Awaitable[T]],
+    *,
+    database: str | None = ...,
+    collection: str = ...,
+    write_concern: WriteConcern | None = ...,
+) -> Awaitable[T]: ...
+
+
+def run_in_outbox_transaction(
+    client: Any,
+    fn: Callable[[Any], Any],
+    *,
+    database: str | None = None,
+    collection: str = "outbox",
+    write_concern: WriteConcern | None = None,
+) -> Any:
+    """Run ``fn(tx)`` in a transaction with PyMongo's ``with_transaction`` retry rules.
+
+    ``fn`` may run more than once (on ``TransientTransactionError``), each time with fresh
+    events, so it must do nothing outside the transaction that cannot be repeated. For an
+    async client ``fn`` is a coroutine function and the call returns an awaitable.
+    """
+    wc = write_concern or _DEFAULT_WRITE_CONCERN
+    if _is_async_client(client):
+        return _run_async(client, fn, database, collection, wc)
+    with client.start_session() as session:
+
+        def callback(s: Any) -> Any:
+            tx = OutboxTransaction(client, database, collection, session=s)
+            result = fn(tx)
+            tx._flush()
+            return result
+
+        return session.with_transaction(callback, write_concern=wc)
+
+
+async def _run_async(
+    client: Any,
+    fn: Callable[[Any], Any],
+    database: str | None,
+    collection: str,
+    wc: WriteConcern,
+) -> Any:
+    session = await _maybe_await(client.start_session())
+    try:
+
+        async def callback(s: Any) -> Any:
+            tx = AsyncOutboxTransaction(client, database, collection, session=s)
+            result = await _maybe_await(fn(tx))
+            await tx._flush()
+            return result
+
+        return await session.with_transaction(callback, write_concern=wc)
+    finally:
+        await _maybe_await(session.end_session())

@@ -1,0 +1,426 @@
+"""The ``mongo-outbox`` command: relay, init, status, checkpoint, demo.
+
+Every flag can also come from an environment variable ``MONGO_OUTBOX_<FLAG>`` (upper case,
+dashes as underscores), e.g. ``MONGO_OUTBOX_MONGO_URI``. Exit codes: 0 ok, 1 killed or
+unexpected error, 2 bad configuration, 3 cannot connect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+from pymongo import MongoClient
+from pymongo.errors import ConfigurationError as MongoConfigurationError
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+
+from ._errors import ConfigurationError, ConnectError
+from ._store import OutboxStore, ensure_indexes
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_CONFIG = 2
+EXIT_CONNECT = 3
+ENV_PREFIX = "MONGO_OUTBOX_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+log = logging.getLogger("mongo_outbox.cli")
+
+
+class _Exit(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _env(flag: str) -> str | None:
+    return os.environ.get(ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper())
+
+
+def _env_bool(flag: str) -> bool:
+    value = _env(flag)
+    if value is None:
+        return False
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    raise _Exit(
+        EXIT_CONFIG,
+        f"{ENV_PREFIX}{flag[2:].replace('-', '_').upper()}={value!r} is "
+        "not a boolean: use 1/0, true/false, yes/no",
+    )
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without its user info, safe to print or log."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparseable URI>"
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else "<URI>"
+
+
+def _scrub(text: str, uri: str) -> str:
+    try:
+        parts = urlsplit(uri)
+        secrets = [s for s in (parts.password, parts.username) if s]
+    except ValueError:
+        secrets = []
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _add_mongo_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mongo-uri",
+        default=_env("--mongo-uri"),
+        help="MongoDB connection string of a replica set (env MONGO_OUTBOX_MONGO_URI)",
+    )
+    p.add_argument(
+        "--database",
+        default=_env("--database"),
+        help="database holding the outbox (env MONGO_OUTBOX_DATABASE)",
+    )
+    p.add_argument(
+        "--collection",
+        default=_env("--collection") or "outbox",
+        help="outbox collection (default: outbox)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=float(_env("--connect-timeout") or 10.0),
+        help="seconds to wait for MongoDB before giving up with exit 3 (default 10)",
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mongo-outbox",
+        description="Transactional outbox for MongoDB: relay committed events to Pub/Sub.",
+        epilog="Every flag can also be set as MONGO_OUTBOX_<FLAG>, e.g. MONGO_OUTBOX_MONGO_URI. "
+        "Exit codes: 0 ok, 1 killed or unexpected, 2 bad configuration, 3 cannot connect.",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=_env("--log-level") or "INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    relay = sub.add_parser(
+        "relay",
+        help="publish committed outbox events to Pub/Sub until stopped",
+        description="Tail the outbox change stream and publish each event to Pub/Sub at least "
+        "once, in order per key. SIGTERM/SIGINT: finish the batch, checkpoint, exit 0; a "
+        "second signal exits at once. PUBSUB_EMULATOR_HOST is honoured.",
+    )
+    _add_mongo_flags(relay)
+    relay.add_argument(
+        "--project",
+        default=_env("--project") or os.environ.get("GOOGLE_CLOUD_PROJECT"),
+        help="Google Cloud project of the topics "
+        "(env MONGO_OUTBOX_PROJECT or GOOGLE_CLOUD_PROJECT)",
+    )
+    relay.add_argument(
+        "--default-topic",
+        default=_env("--default-topic"),
+        help="topic for events emitted without one",
+    )
+    relay.add_argument(
+        "--name",
+        default=_env("--name") or "default",
+        help="relay name: its checkpoint is kept under this name (default: default)",
+    )
+    relay.add_argument(
+        "--create-topics",
+        action="store_true",
+        default=_env_bool("--create-topics"),
+        help="create missing topics instead of failing their events",
+    )
+    relay.add_argument(
+        "--once",
+        action="store_true",
+        default=_env_bool("--once"),
+        help="publish what is pending and what has been committed, then exit",
+    )
+    relay.add_argument(
+        "--batch-size",
+        type=int,
+        default=int(_env("--batch-size") or 500),
+        help="events published and marked together (default 500)",
+    )
+    relay.add_argument(
+        "--max-attempts",
+        type=int,
+        default=int(_env("--max-attempts") or 10),
+        help="failed attempts before an event becomes dead (default 10)",
+    )
+
+    init = sub.add_parser("init", help="create the outbox collections and indexes")
+    _add_mongo_flags(init)
+
+    status = sub.add_parser("status", help="pending, published and dead counts, lag, checkpoint")
+    _add_mongo_flags(status)
+    status.add_argument("--name", default=_env("--name") or "default", help="relay name")
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+    checkpoint = sub.add_parser("checkpoint", help="inspect or reset a relay's resume token")
+    _add_mongo_flags(checkpoint)
+    checkpoint.add_argument(
+        "action",
+        choices=["reset"],
+        help="reset: forget the token; the next start runs the gap-free recovery sweep",
+    )
+    checkpoint.add_argument("--name", default=_env("--name") or "default", help="relay name")
+
+    sub.add_parser(
+        "demo",
+        help="run the whole flow on a throwaway replica set and Pub/Sub emulator",
+        description="Start a single-node replica set and the Pub/Sub emulator, write orders with "
+        "events, relay them and show them arriving on a subscription; then stop everything.",
+    )
+    return parser
+
+
+def _connect(args: argparse.Namespace, *, need_database: bool = True) -> MongoClient[Any]:
+    if not args.mongo_uri:
+        raise _Exit(EXIT_CONFIG, "no MongoDB URI: pass --mongo-uri or set MONGO_OUTBOX_MONGO_URI")
+    if need_database and not args.database:
+        raise _Exit(EXIT_CONFIG, "no database: pass --database or set MONGO_OUTBOX_DATABASE")
+    uri = args.mongo_uri
+    safe = redact_uri(uri)
+    try:
+        client: MongoClient[Any] = MongoClient(
+            uri,
+            serverSelectionTimeoutMS=int(args.connect_timeout * 1000),
+            appname="mongo-outbox",
+            tz_aware=True,
+        )
+    except (MongoConfigurationError, ValueError, TypeError) as exc:
+        raise _Exit(EXIT_CONFIG, f"invalid MongoDB URI {safe}: {_scrub(str(exc), uri)}") from exc
+    try:
+        hello = client.admin.command("hello")
+    except ConnectionFailure as exc:
+        client.close()
+        first = _scrub(str(exc), uri).split(",")[0][:300]
+        raise _Exit(EXIT_CONNECT, f"cannot connect to MongoDB at {safe}: {first}") from exc
+    except OperationFailure as exc:
+        client.close()
+        raise _Exit(EXIT_CONFIG, f"MongoDB at {safe} refused us: {_scrub(str(exc), uri)}") from exc
+    if "setName" not in hello and hello.get("msg") != "isdbgrid":
+        client.close()
+        raise _Exit(
+            EXIT_CONFIG,
+            f"MongoDB at {safe} is a standalone server; the outbox needs transactions and change "
+            "streams, which need a replica set: start mongod with --replSet rs0 and run "
+            "rs.initiate() (a single node is enough)",
+        )
+    return client
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    client = _connect(args)
+    try:
+        ensure_indexes(client, args.database, args.collection)
+    finally:
+        client.close()
+    print(f"outbox {args.database}.{args.collection} ready (collections and indexes)")
+    return EXIT_OK
+
+
+def _age(value: Any) -> float | None:
+    if not isinstance(value, _dt.datetime):
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=_dt.timezone.utc)
+    age: float = (_dt.datetime.now(_dt.timezone.utc) - value).total_seconds()
+    return age
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    client = _connect(args)
+    try:
+        store = OutboxStore(client[args.database], args.collection)
+        counts = store.counts()
+        oldest = store.oldest_pending()
+        state = store.load_state(args.name)
+        errors = store.newest_errors()
+    finally:
+        client.close()
+    report: dict[str, Any] = {
+        "outbox": f"{args.database}.{args.collection}",
+        **counts,
+        "oldest_pending_age_s": _age(oldest.get("created_at")) if oldest else None,
+        "relay": args.name,
+        "has_checkpoint": state.get("resume_token") is not None,
+        "checkpoint_age_s": _age(state.get("checkpoint_at")),
+        "lease_owner": state.get("lease_owner"),
+        "lease_expires_at": str(state["lease_expires_at"])
+        if state.get("lease_expires_at")
+        else None,
+        "newest_dead": [
+            {
+                "id": str(e["_id"]),
+                "type": e.get("type"),
+                "key": e.get("key"),
+                "attempts": e.get("attempts"),
+                "error": e.get("last_error"),
+            }
+            for e in errors
+        ],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+
+    def fmt_age(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}s"
+
+    print(f"outbox            {report['outbox']}")
+    print(f"pending           {counts['pending']}")
+    print(f"published         {counts['published']}")
+    print(f"dead              {counts['dead']}")
+    print(f"oldest pending    {fmt_age(report['oldest_pending_age_s'])}")
+    checkpoint = fmt_age(report["checkpoint_age_s"]) if report["has_checkpoint"] else "none"
+    print(f"checkpoint ({args.name})  {checkpoint}")
+    print(f"lease owner       {report['lease_owner'] or '-'}")
+    for e in report["newest_dead"]:
+        print(f"dead {e['id']} {e['type']} key={e['key']}: {e['error']}")
+    return EXIT_OK
+
+
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    client = _connect(args)
+    try:
+        reset = OutboxStore(client[args.database], args.collection).reset_token(args.name)
+    finally:
+        client.close()
+    print(f"checkpoint of relay {args.name!r} " + ("reset" if reset else "was not set"))
+    return EXIT_OK
+
+
+def _cmd_relay(args: argparse.Namespace) -> int:
+    from .publishers import PubSubPublisher
+    from .relay import Relay, RelayConfig
+
+    if not args.project:
+        raise _Exit(
+            EXIT_CONFIG, "no Google Cloud project: pass --project or set MONGO_OUTBOX_PROJECT"
+        )
+    try:
+        config = RelayConfig(
+            database=args.database or "-",
+            collection=args.collection,
+            name=args.name,
+            default_topic=args.default_topic,
+            batch_size=args.batch_size,
+            max_attempts=args.max_attempts,
+        )
+        if args.default_topic is not None:
+            from ._event import check_topic
+
+            check_topic(args.default_topic)
+    except ValueError as exc:
+        raise _Exit(EXIT_CONFIG, f"bad relay setting: {exc}") from exc
+    client = _connect(args)
+    publisher = PubSubPublisher(args.project, create_topics=args.create_topics)
+    relay = Relay(client, publisher, config)
+    try:
+        if args.once:
+            count = relay.run_once()
+            log.info("published %d events", count)
+            return EXIT_OK
+        stop = threading.Event()
+        _install_signal_handlers(stop)
+        log.info(
+            "relaying %s.%s to project %s as %r",
+            args.database,
+            args.collection,
+            args.project,
+            args.name,
+        )
+        relay.run(stop)
+        log.info("stopped after publishing %d events", relay.stats.published)
+        return EXIT_OK
+    finally:
+        publisher.close()
+        client.close()
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            # Second signal: leave now; at-least-once delivery tolerates the lost batch.
+            os._exit(EXIT_UNEXPECTED)
+        log.info("%s received: finishing the batch, then exiting", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return run_demo()
+
+
+_COMMANDS = {
+    "relay": _cmd_relay,
+    "init": _cmd_init,
+    "status": _cmd_status,
+    "checkpoint": _cmd_checkpoint,
+    "demo": _cmd_demo,
+}
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    print(f"mongo-outbox: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mongo-outbox`` console script; returns the exit code."""
+    try:
+        parser = _build_parser()
+        args = parser.parse_args(argv)
+    except _Exit as exc:
+        _fail(exc.code, str(exc))
+    if args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return _COMMANDS[args.command](args)
+    except _Exit as exc:
+        _fail(exc.code, str(exc))
+    except ConfigurationError as exc:
+        _fail(EXIT_CONFIG, str(exc))
+    except ConnectError as exc:
+        _fail(EXIT_CONNECT, str(exc))
+    except PyMongoError as exc:
+        _fail(EXIT_UNEXPECTED, f"MongoDB error: {type(exc).__name__}: {exc}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

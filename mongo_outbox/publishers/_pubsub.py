@@ -1,0 +1,188 @@
+"""Google Cloud Pub/Sub publisher on the generated (GAPIC) client.
+
+The relay already holds whole batches in order, so it sends each topic's messages as prepared
+``Publish`` requests rather than going through the high-level client's per-message futures
+and batching threads. Ordering is kept by sending a topic's requests one after another and by
+leaving out the later messages of a key whose request failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from google.api_core import exceptions as gexc
+from google.auth.credentials import AnonymousCredentials
+from google.pubsub_v1 import PublisherClient, PubsubMessage
+
+from .._errors import ConfigurationError, PermanentPublishError, PublishError, TransientPublishError
+from .._event import Message
+
+__all__ = ["PubSubPublisher"]
+
+_MAX_REQUEST_MESSAGES = 1000
+# The Publish request limit is 10 MB; leave room for the per-message framing.
+_MAX_REQUEST_BYTES = 9_000_000
+_TRANSIENT = (
+    gexc.ServiceUnavailable,
+    gexc.DeadlineExceeded,
+    gexc.ResourceExhausted,
+    gexc.Aborted,
+    gexc.InternalServerError,
+    gexc.Unknown,
+    gexc.Cancelled,
+    gexc.RetryError,
+    gexc.TooManyRequests,
+)
+
+
+def map_google_error(exc: BaseException, topic: str) -> PublishError:
+    """Turn a Google API error into a transient or permanent :class:`PublishError`."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (_TRANSIENT, TimeoutError, ConnectionError)):
+        error: PublishError = TransientPublishError(f"publish to {topic} failed: {text}")
+    elif isinstance(exc, gexc.NotFound):
+        error = PermanentPublishError(
+            f"topic {topic} does not exist: create it, or run the relay with --create-topics"
+        )
+    else:
+        error = PermanentPublishError(f"publish to {topic} refused: {text}")
+    error.__cause__ = exc
+    return error
+
+
+def make_gapic_client() -> PublisherClient:
+    """A generated Publisher client that honours ``PUBSUB_EMULATOR_HOST`` as Google's does."""
+    host = os.environ.get("PUBSUB_EMULATOR_HOST")
+    if host:
+        credentials = AnonymousCredentials()  # type: ignore[no-untyped-call]
+        return PublisherClient(credentials=credentials, client_options={"api_endpoint": host})
+    return PublisherClient()
+
+
+class PubSubPublisher:
+    """Publishes to Google Cloud Pub/Sub topics of ``project``.
+
+    A message's topic may be an id (resolved in ``project``) or a full
+    ``projects/<p>/topics/<id>`` path. With ``create_topics`` a missing topic is created on
+    first use. ``timeout`` bounds each Publish request in seconds; retries are the relay's.
+    """
+
+    def __init__(
+        self,
+        project: str,
+        *,
+        create_topics: bool = False,
+        timeout: float = 30.0,
+        client: PublisherClient | None = None,
+    ) -> None:
+        if not project:
+            raise ConfigurationError("a Google Cloud project is required (--project)")
+        self.project = project
+        self._create_topics = create_topics
+        self._timeout = timeout
+        self._client = client or make_gapic_client()
+        self._known_topics: set[str] = set()
+
+    def topic_path(self, topic: str) -> str:
+        """The full resource path of ``topic``."""
+        if topic.startswith("projects/"):
+            return topic
+        return f"projects/{self.project}/topics/{topic}"
+
+    def ensure_topic(self, topic: str) -> None:
+        """Create ``topic`` unless it exists."""
+        path = self.topic_path(topic)
+        with contextlib.suppress(gexc.AlreadyExists):
+            self._client.create_topic(name=path, timeout=self._timeout)
+        self._known_topics.add(path)
+
+    def publish(self, messages: Sequence[Message]) -> list[PublishError | None]:
+        """Publish ``messages``, one request per topic and chunk, in order."""
+        results: list[PublishError | None] = [None] * len(messages)
+        by_topic: dict[str, list[int]] = {}
+        for i, message in enumerate(messages):
+            if not message.topic:
+                results[i] = PermanentPublishError("message has no topic")
+                continue
+            by_topic.setdefault(self.topic_path(message.topic), []).append(i)
+        for path, indexes in by_topic.items():
+            self._publish_topic(path, messages, indexes, results)
+        return results
+
+    def _publish_topic(
+        self,
+        path: str,
+        messages: Sequence[Message],
+        indexes: list[int],
+        results: list[PublishError | None],
+    ) -> None:
+        if self._create_topics and path not in self._known_topics:
+            try:
+                self.ensure_topic(path)
+            except gexc.GoogleAPICallError as exc:
+                error = map_google_error(exc, path)
+                for i in indexes:
+                    results[i] = error
+                return
+        failed_keys: dict[str, PublishError] = {}
+        for chunk in _chunks(messages, indexes):
+            sendable = []
+            for i in chunk:
+                key = messages[i].ordering_key
+                if key is not None and key in failed_keys:
+                    results[i] = TransientPublishError(
+                        f"held behind an earlier failed event of key {key!r}"
+                    )
+                else:
+                    sendable.append(i)
+            if not sendable:
+                continue
+            sent = self._send(path, [messages[i] for i in sendable])
+            if sent is None:
+                continue
+            for i in sendable:
+                results[i] = sent
+                key = messages[i].ordering_key
+                if key is not None:
+                    failed_keys.setdefault(key, sent)
+
+    def _send(self, path: str, batch: list[Message]) -> PublishError | None:
+        request = [
+            PubsubMessage(
+                data=m.data, attributes=dict(m.attributes), ordering_key=m.ordering_key or ""
+            )
+            for m in batch
+        ]
+        try:
+            self._client.publish(topic=path, messages=request, retry=None, timeout=self._timeout)
+        except Exception as exc:
+            return map_google_error(exc, path)
+        return None
+
+    def close(self) -> None:
+        """Close the gRPC channel."""
+        transport: Any = getattr(self._client, "transport", None)
+        if transport is not None:
+            transport.close()
+
+
+def _chunks(messages: Sequence[Message], indexes: list[int]) -> list[list[int]]:
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i in indexes:
+        m = messages[i]
+        msg_size = len(m.data) + sum(len(k) + len(v) for k, v in m.attributes.items()) + 64
+        if current and (
+            len(current) >= _MAX_REQUEST_MESSAGES or size + msg_size > _MAX_REQUEST_BYTES
+        ):
+            chunks.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += msg_size
+    if current:
+        chunks.append(current)
+    return chunks

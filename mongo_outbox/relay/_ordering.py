@@ -1,0 +1,141 @@
+"""Pure decisions of the relay: which events may go now, and what a publish result means.
+
+Per-key order is the rule: an event whose key has an earlier event still waiting (failed and
+not yet due, or held) waits too. Events without a key never wait for anything.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bson import ObjectId
+
+from .._errors import PublishError, TransientPublishError
+from .._event import Message, attempts_of
+from .._store import Failure
+
+__all__ = ["Outcome", "SweepFilter", "as_utc", "classify", "key_of", "retry_delay"]
+
+
+def as_utc(value: _dt.datetime) -> _dt.datetime:
+    """An aware UTC datetime (PyMongo hands out naive UTC unless ``tz_aware``)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=_dt.timezone.utc)
+    return value
+
+
+def key_of(doc: Mapping[str, Any]) -> str | None:
+    """The ordering key of an outbox document (None when absent or malformed)."""
+    key = doc.get("key")
+    return key if isinstance(key, str) and key else None
+
+
+def retry_delay(attempts: int, initial: float, maximum: float) -> float:
+    """Exponential backoff with jitter for the ``attempts``-th failure (1-based)."""
+    base: float = min(maximum, initial * (2.0 ** max(0, attempts - 1)))
+    return base * random.uniform(0.5, 1.0)
+
+
+class SweepFilter:
+    """Admits pending events, read in ``_id`` order, that may be published now.
+
+    ``grace`` None admits every due event (start-up and ``--once``); otherwise events younger
+    than ``grace`` seconds with no failed attempt are left to the change stream, unless their
+    key is in ``blocked`` (the stream has held those back, so the sweep must take them). Keys that
+    hold an event back are remembered in :attr:`held`; :attr:`waiting` keeps those held by an
+    event that is not due yet (the ones the change stream must hold too).
+    """
+
+    def __init__(self, now: _dt.datetime, grace: float | None, blocked: Iterable[str] = ()) -> None:
+        self.now = now
+        self.blocked = frozenset(blocked)
+        self.young_after = None if grace is None else now - _dt.timedelta(seconds=grace)
+        self.held: set[str] = set()
+        self.waiting: set[str] = set()
+
+    def admit(self, doc: Mapping[str, Any]) -> bool:
+        """True when ``doc`` may be published now."""
+        key = key_of(doc)
+        if key is not None and key in self.held:
+            return False
+        next_at = doc.get("next_attempt_at")
+        if isinstance(next_at, _dt.datetime) and as_utc(next_at) > self.now:
+            self._hold(key, waiting=True)
+            return False
+        created = doc.get("created_at")
+        if (
+            self.young_after is not None
+            and next_at is None
+            and key not in self.blocked
+            and isinstance(created, _dt.datetime)
+            and as_utc(created) > self.young_after
+        ):
+            self._hold(key, waiting=False)
+            return False
+        return True
+
+    def _hold(self, key: str | None, *, waiting: bool) -> None:
+        if key is not None:
+            self.held.add(key)
+            if waiting:
+                self.waiting.add(key)
+
+
+@dataclass
+class Outcome:
+    """What to record after a publish: published ids, failures, retries, blocked keys."""
+
+    published: list[ObjectId] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    retry: list[tuple[Mapping[str, Any], Message]] = field(default_factory=list)
+    blocked: set[str] = field(default_factory=set)
+    dead: int = 0
+
+
+def classify(
+    sent: Sequence[tuple[Mapping[str, Any], Message]],
+    results: Sequence[PublishError | None],
+    *,
+    now: _dt.datetime,
+    max_attempts: int,
+    retry_initial: float,
+    retry_max: float,
+) -> Outcome:
+    """Decide each event's fate from its publish result, keeping per-key order.
+
+    A transient error sends the event, and every later event of its key, back for an
+    in-process retry without counting an attempt. A permanent error counts an attempt and
+    schedules the next one (or makes the event dead at ``max_attempts``); later events of its
+    key stay pending, and the key is reported blocked.
+    """
+    outcome = Outcome()
+    retrying: set[str] = set()
+    for (doc, message), error in zip(sent, results, strict=True):
+        key = message.ordering_key
+        if key is not None and key in outcome.blocked:
+            continue  # stays pending behind the failed event
+        if key is not None and key in retrying:
+            outcome.retry.append((doc, message))
+            continue
+        if error is None:
+            outcome.published.append(message.event_id)
+        elif isinstance(error, TransientPublishError):
+            outcome.retry.append((doc, message))
+            if key is not None:
+                retrying.add(key)
+        else:
+            attempts = attempts_of(doc) + 1
+            if attempts >= max_attempts:
+                outcome.failures.append(Failure(message.event_id, attempts, str(error), None))
+                outcome.dead += 1
+            else:
+                delay = retry_delay(attempts, retry_initial, retry_max)
+                next_at = now + _dt.timedelta(seconds=delay)
+                outcome.failures.append(Failure(message.event_id, attempts, str(error), next_at))
+                if key is not None:
+                    outcome.blocked.add(key)
+    return outcome

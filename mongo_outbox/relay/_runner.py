@@ -1,0 +1,395 @@
+"""The relay loop: change stream plus sweeps, batch, publish, confirm, mark, checkpoint.
+
+Start-up (and every restart of the pipeline after an error) is the same gap-free procedure:
+
+1. open the change stream after the saved resume token, or, without a usable token, at the
+   cluster time read just before;
+2. read the cluster time T and sweep every ``pending`` event as of T (a snapshot read), in
+   ``_id`` order, publishing them;
+3. consume the stream, skipping changes at or before T (the sweep covered them).
+
+Opening the stream before the sweep is what leaves no gap between the two.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bson import ObjectId, Timestamp
+from pymongo import MongoClient
+from pymongo.errors import OperationFailure, PyMongoError
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_when_event_set,
+    wait_exponential_jitter,
+)
+
+from .._errors import ConfigurationError, PoisonEventError, TransientPublishError
+from .._event import Message, attempts_of, message_from_document, utcnow
+from .._store import Failure, OutboxStore
+from ..publishers import Publisher
+from ._config import RelayConfig
+from ._ordering import SweepFilter, classify, key_of
+from ._tailer import Change, Idle, StreamFailed, Tailer
+
+__all__ = ["Relay", "RelayStats"]
+
+log = logging.getLogger("mongo_outbox.relay")
+
+
+@dataclass
+class RelayStats:
+    """Counters since the relay started."""
+
+    published: int = 0
+    failed: int = 0
+    dead: int = 0
+    skipped_duplicates: int = 0
+    recoveries: int = 0
+    restarts: int = 0
+
+
+class _Retry(Exception):
+    """Some messages failed transiently and go again."""
+
+
+class Relay:
+    """Moves committed outbox events to a :class:`~mongo_outbox.publishers.Publisher`.
+
+    ``client`` must reach a replica set (or sharded cluster). Call :meth:`run` with a
+    :class:`threading.Event` to stop it, or :meth:`run_once` to drain what is pending.
+    """
+
+    def __init__(self, client: MongoClient[Any], publisher: Publisher, config: RelayConfig) -> None:
+        self.client = client
+        self.publisher = publisher
+        self.config = config
+        self.store = OutboxStore(client[config.database], config.collection)
+        self.stats = RelayStats()
+        self._stop = threading.Event()
+        self._token: Mapping[str, Any] | None = None
+        self._token_loaded = False
+        self._saved_token: Mapping[str, Any] | None = None
+        self._saved_at = 0.0
+        # Keys whose earliest pending event is not due yet: the stream holds their events.
+        self._blocked: set[str] = set()
+        # Ids published by the last periodic sweep, and the time it read at.
+        self._swept: set[ObjectId] = set()
+        self._swept_at: Timestamp | None = None
+        self._swept_done = 0.0
+        # Changes at or before this time were covered by the start-up sweep.
+        self._covered_until: Timestamp | None = None
+
+    # -- public --------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Relay until ``stop`` is set; connection losses are ridden out with backoff."""
+        if stop is not None:
+            self._stop = stop
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._pipeline(once=False)
+                failures = 0
+            except (PyMongoError, RuntimeError) as exc:
+                if isinstance(exc, OperationFailure) and exc.code in (13, 18):
+                    raise ConfigurationError(f"MongoDB refused the relay: {exc}") from exc
+                failures += 1
+                self.stats.restarts += 1
+                delay = min(
+                    self.config.transient_max, self.config.transient_initial * 2 ** min(failures, 8)
+                )
+                log.warning("relay pipeline failed (%s); restarting in %.1fs", exc, delay)
+                self._stop.wait(delay)
+
+    def run_once(self) -> int:
+        """Publish everything pending and everything committed so far, then return.
+
+        Returns the number of events published.
+        """
+        before = self.stats.published
+        self._pipeline(once=True)
+        return self.stats.published - before
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish its batch, checkpoint and return."""
+        self._stop.set()
+
+    # -- pipeline ------------------------------------------------------------------------
+
+    def _pipeline(self, *, once: bool) -> None:
+        if not self._token_loaded:
+            self._token = self.store.load_state(self.config.name).get("resume_token")
+            self._saved_token = self._token
+            self._token_loaded = True
+        stream = self._open_stream()
+        tailer = Tailer(stream, self.config.queue_size)
+        tailer.start()
+        try:
+            at = self._cluster_time()
+            self._covered_until = at
+            self._sweep(grace=None, at=at)
+            started = time.monotonic()
+            next_sweep = started + self.config.sweep_interval
+            while not self._stop.is_set():
+                idle = self._consume(tailer)
+                if once and idle is not None and idle > started:
+                    break
+                if time.monotonic() >= next_sweep:
+                    self._sweep(grace=self.config.sweep_grace, at=self._cluster_time())
+                    next_sweep = time.monotonic() + self.config.sweep_interval
+        finally:
+            tailer.stop()
+        self._checkpoint(force=True)
+
+    def _open_stream(self) -> Any:
+        pipeline = [{"$match": {"operationType": "insert"}}]
+        options: dict[str, Any] = {
+            "max_await_time_ms": int(self.config.max_await_seconds * 1000),
+            "batch_size": self.config.batch_size,
+        }
+        if self._token is not None:
+            try:
+                stream = self.store.outbox.watch(pipeline, start_after=self._token, **options)
+                log.info("resumed change stream from checkpoint")
+                return stream
+            except OperationFailure as exc:
+                log.warning(
+                    "saved resume token is unusable (%s, code %s): recovering by a full sweep",
+                    exc.details.get("errmsg", exc) if exc.details else exc,
+                    exc.code,
+                )
+        else:
+            log.info("no checkpoint: recovering by a full sweep")
+        self.stats.recoveries += 1
+        at = self._cluster_time()
+        return self.store.outbox.watch(pipeline, start_at_operation_time=at, **options)
+
+    def _cluster_time(self) -> Timestamp:
+        with self.client.start_session(causal_consistency=False) as session:
+            self.store.db.command("ping", session=session)
+            at: Timestamp | None = session.operation_time
+        if at is None:
+            raise ConfigurationError("the server reports no cluster time: is it a replica set?")
+        return at
+
+    # -- consuming the stream ------------------------------------------------------------
+
+    def _consume(self, tailer: Tailer) -> float | None:
+        """Take one batch from the stream and publish it; return the time of an idle mark."""
+        try:
+            first = tailer.queue.get(timeout=0.2)
+        except queue.Empty:
+            return None
+        items = [first]
+        while len(items) < self.config.batch_size:
+            try:
+                items.append(tailer.queue.get_nowait())
+            except queue.Empty:
+                break
+        docs: list[dict[str, Any]] = []
+        idle_at: float | None = None
+        failure: BaseException | None = None
+        token = self._token
+        for item in items:
+            if isinstance(item, StreamFailed):
+                failure = item.error
+                break
+            if isinstance(item, Idle):
+                idle_at = item.at
+                token = item.token
+                if item.at > self._swept_done:
+                    self._swept.clear()
+                continue
+            token = item.token
+            if self._skip(item):
+                continue
+            docs.append(item.doc)
+        if docs:
+            self._publish_stream_docs(docs)
+        self._token = token
+        self._checkpoint(force=False)
+        if failure is not None:
+            raise RuntimeError(f"change stream failed: {failure}") from failure
+        return idle_at
+
+    def _skip(self, change: Change) -> bool:
+        ct = change.cluster_time
+        if self._covered_until is not None and isinstance(ct, Timestamp):
+            if ct <= self._covered_until:
+                self.stats.skipped_duplicates += 1
+                return True
+            self._covered_until = None
+        if self._swept:
+            if self._swept_at is not None and isinstance(ct, Timestamp) and ct > self._swept_at:
+                self._swept.clear()
+            elif change.doc.get("_id") in self._swept:
+                self.stats.skipped_duplicates += 1
+                return True
+        return False
+
+    def _publish_stream_docs(self, docs: list[dict[str, Any]]) -> None:
+        ready = []
+        for doc in docs:
+            key = key_of(doc)
+            if key is not None and key in self._blocked:
+                continue  # stays pending; the sweep publishes it after the blocker
+            ready.append(doc)
+        self._publish(ready, held=self._blocked)
+
+    # -- sweeping ------------------------------------------------------------------------
+
+    def _sweep(self, *, grace: float | None, at: Timestamp) -> None:
+        filt = SweepFilter(utcnow(), grace, self._blocked)
+        # Keys that fail during the sweep are added back by _publish; the stream is not being
+        # consumed meanwhile, so starting afresh is safe.
+        self._blocked = set()
+        swept: set[ObjectId] = set()
+        batch: list[dict[str, Any]] = []
+        for doc in self.store.pending(self.config.batch_size, at=at):
+            if self._stop.is_set():
+                break
+            if filt.admit(doc):
+                batch.append(doc)
+            if len(batch) >= self.config.batch_size:
+                swept.update(self._publish(batch, held=filt.held))
+                batch = []
+        if batch and not self._stop.is_set():
+            swept.update(self._publish(batch, held=filt.held))
+        self._blocked |= filt.waiting
+        if grace is not None:
+            self._swept = swept
+            self._swept_at = at
+            self._swept_done = time.monotonic()
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def _publish(self, docs: Sequence[Mapping[str, Any]], held: set[str]) -> set[ObjectId]:
+        """Publish ``docs`` in order; return the ids that were published or set aside.
+
+        Keys that fail permanently are added to ``held`` (and the relay's blocked keys).
+        """
+        handled: set[ObjectId] = set()
+        sendable: list[tuple[Mapping[str, Any], Message]] = []
+        poison: list[Failure] = []
+        for doc in docs:
+            key = key_of(doc)
+            if key is not None and key in held:
+                continue
+            try:
+                message = message_from_document(doc)
+            except PoisonEventError as exc:
+                event_id = doc.get("_id")
+                if isinstance(event_id, ObjectId):
+                    poison.append(Failure(event_id, attempts_of(doc) + 1, f"poison: {exc}", None))
+                    handled.add(event_id)
+                log.error("outbox document %r set aside as dead: %s", event_id, exc)
+                continue
+            if message.topic is None:
+                if self.config.default_topic is None:
+                    poison.append(
+                        Failure(
+                            message.event_id,
+                            attempts_of(doc) + 1,
+                            "event has no topic and the relay has no default topic "
+                            "(--default-topic): requeue it once one is set",
+                            None,
+                        )
+                    )
+                    handled.add(message.event_id)
+                    continue
+                message = Message(
+                    message.event_id,
+                    self.config.default_topic,
+                    message.data,
+                    message.ordering_key,
+                    message.attributes,
+                )
+            sendable.append((doc, message))
+        if poison:
+            self.store.record_failures(poison)
+            self.stats.dead += len(poison)
+        if sendable:
+            handled.update(self._publish_with_retry(sendable, held))
+        return handled
+
+    def _publish_with_retry(
+        self, sendable: list[tuple[Mapping[str, Any], Message]], held: set[str]
+    ) -> Iterable[ObjectId]:
+        handled: list[ObjectId] = []
+        pending = sendable
+        retrying = Retrying(
+            retry=retry_if_exception_type(_Retry),
+            wait=wait_exponential_jitter(
+                initial=self.config.transient_initial, max=self.config.transient_max
+            ),
+            stop=stop_when_event_set(self._stop),
+            sleep=self._sleep,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    results = self.publisher.publish([m for _, m in pending])
+                    now = utcnow()
+                    outcome = classify(
+                        pending,
+                        results,
+                        now=now,
+                        max_attempts=self.config.max_attempts,
+                        retry_initial=self.config.retry_initial,
+                        retry_max=self.config.retry_max,
+                    )
+                    self.store.mark_published(outcome.published, now)
+                    self.store.record_failures(outcome.failures)
+                    handled.extend(outcome.published)
+                    handled.extend(
+                        f.event_id for f in outcome.failures if f.next_attempt_at is None
+                    )
+                    self.stats.published += len(outcome.published)
+                    self.stats.failed += len(outcome.failures) - outcome.dead
+                    self.stats.dead += outcome.dead
+                    for failure in outcome.failures:
+                        log.warning(
+                            "event %s failed (attempt %d%s): %s",
+                            failure.event_id,
+                            failure.attempts,
+                            ", now dead" if failure.next_attempt_at is None else "",
+                            failure.error,
+                        )
+                    held.update(outcome.blocked)
+                    self._blocked.update(outcome.blocked)
+                    pending = outcome.retry
+                    if pending:
+                        first = next(
+                            (e for e in results if isinstance(e, TransientPublishError)), None
+                        )
+                        log.warning(
+                            "%d events failed transiently (%s); retrying", len(pending), first
+                        )
+                        raise _Retry
+        except (_Retry, RetryError):
+            # Stopping: the events left are still pending and the next start sweeps them.
+            pass
+        return handled
+
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    def _checkpoint(self, *, force: bool) -> None:
+        token = self._token
+        if token is None or token == self._saved_token:
+            return
+        now = time.monotonic()
+        if not force and now - self._saved_at < self.config.checkpoint_interval:
+            return
+        self.store.save_token(self.config.name, token, utcnow())
+        self._saved_token = token
+        self._saved_at = now
