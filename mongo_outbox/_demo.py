@@ -90,10 +90,11 @@ def run_demo() -> int:
             "per order"
         )
         for n in range(1, ORDERS + 1):
-            order = {"_id": n, "customer": f"customer-{n % 2}", "total": 10 * n}
+            customer = f"customer-{n % 2}"
+            order = {"_id": n, "customer": customer, "total": 10 * n}
             with outbox_transaction(client, database="shop") as tx:
                 client.shop.orders.insert_one(order, session=tx.session)
-                tx.emit("OrderCreated", order, key=order["customer"])
+                tx.emit("OrderCreated", order, key=customer)
         _say("   and one transaction that fails: its order and event vanish together")
         try:
             with outbox_transaction(client, database="shop") as tx:
