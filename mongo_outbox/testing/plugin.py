@@ -55,7 +55,8 @@ def _mongo_outbox_replica_set() -> Iterator[MongoReplicaSet | None]:
     if os.environ.get("MONGODB_URI"):
         yield None
         return
-    replica_set = MongoReplicaSet()
+    # Test commands give tests the failCommand fail point (transient errors on demand).
+    replica_set = MongoReplicaSet(extra_args=["--setParameter", "enableTestCommands=1"])
     try:
         replica_set.start()
     except ServiceUnavailable as exc:
