@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bson import ObjectId, Timestamp
+from bson.errors import InvalidDocument
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 from tenacity import (
@@ -29,7 +30,7 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_when_event_set,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 
 from .._errors import ConfigurationError, PoisonEventError, TransientPublishError
@@ -55,6 +56,10 @@ class RelayStats:
     skipped_duplicates: int = 0
     recoveries: int = 0
     restarts: int = 0
+
+
+class _StreamError(Exception):
+    """The change stream failed while being read."""
 
 
 class _Retry(Exception):
@@ -99,9 +104,13 @@ class Relay:
             try:
                 self._pipeline(once=False)
                 failures = 0
-            except (PyMongoError, RuntimeError) as exc:
+            except (PyMongoError, _StreamError) as exc:
                 if isinstance(exc, OperationFailure) and exc.code in (13, 18):
                     raise ConfigurationError(f"MongoDB refused the relay: {exc}") from exc
+                if isinstance(exc, _StreamError) and isinstance(exc.__cause__, OperationFailure):
+                    # The server refused to go on from our position (history lost, invalid
+                    # token...). Recovery from the cluster time is always safe.
+                    self._token = None
                 failures += 1
                 self.stats.restarts += 1
                 delay = min(
@@ -161,12 +170,13 @@ class Relay:
                 stream = self.store.outbox.watch(pipeline, start_after=self._token, **options)
                 log.info("resumed change stream from checkpoint")
                 return stream
-            except OperationFailure as exc:
+            except (OperationFailure, InvalidDocument, TypeError, ValueError) as exc:
                 log.warning(
-                    "saved resume token is unusable (%s, code %s): recovering by a full sweep",
-                    exc.details.get("errmsg", exc) if exc.details else exc,
-                    exc.code,
+                    "saved resume token is unusable (%s: %s): recovering by a full sweep",
+                    type(exc).__name__,
+                    exc,
                 )
+                self._token = None
         else:
             log.info("no checkpoint: recovering by a full sweep")
         self.stats.recoveries += 1
@@ -218,7 +228,7 @@ class Relay:
         self._token = token
         self._checkpoint(force=False)
         if failure is not None:
-            raise RuntimeError(f"change stream failed: {failure}") from failure
+            raise _StreamError(f"change stream failed: {failure}") from failure
         return idle_at
 
     def _skip(self, change: Change) -> bool:
@@ -328,8 +338,8 @@ class Relay:
         pending = sendable
         retrying = Retrying(
             retry=retry_if_exception_type(_Retry),
-            wait=wait_exponential_jitter(
-                initial=self.config.transient_initial, max=self.config.transient_max
+            wait=wait_random_exponential(
+                multiplier=self.config.transient_initial, max=self.config.transient_max
             ),
             stop=stop_when_event_set(self._stop),
             sleep=self._sleep,
