@@ -1,0 +1,201 @@
+"""The write side against a real replica set: commit, abort, retries, async clients."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from pymongo import AsyncMongoClient, MongoClient
+from pymongo.errors import OperationFailure
+
+from mongo_outbox import (
+    AsyncOutboxTransaction,
+    OutboxTransaction,
+    ValidationError,
+    outbox_transaction,
+    run_in_outbox_transaction,
+)
+
+
+@contextmanager
+def fail_point(client: MongoClient[Any], data: dict[str, Any], times: int = 1) -> Iterator[None]:
+    """Arm the server's failCommand fail point for ``times`` commands."""
+    try:
+        client.admin.command(
+            {"configureFailPoint": "failCommand", "mode": {"times": times}, "data": data}
+        )
+    except OperationFailure as exc:  # an external server without enableTestCommands
+        pytest.fail(f"failCommand fail point unavailable: {exc}")
+    try:
+        yield
+    finally:
+        client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+
+
+def test_commit_writes_domain_documents_and_events_together(client, db_name):
+    with outbox_transaction(client, database=db_name) as tx:
+        assert isinstance(tx, OutboxTransaction)
+        client[db_name].orders.insert_one({"_id": 1}, session=tx.session)
+        first = tx.emit("OrderCreated", {"id": 1}, topic="orders", key="o-1")
+        second = tx.emit("OrderPaid", b"\x00raw", attributes={"a": "b"})
+        # Nothing is visible outside the transaction before commit.
+        assert client[db_name].outbox.count_documents({}) == 0
+    docs = {d["_id"]: d for d in client[db_name].outbox.find()}
+    assert set(docs) == {first, second}
+    assert docs[first]["topic"] == "orders"
+    assert docs[first]["key"] == "o-1"
+    assert docs[first]["payload"] == b'{"id":1}'
+    assert docs[first]["status"] == "pending"
+    assert docs[second]["payload"] == b"\x00raw"
+    assert docs[second]["attributes"] == {"a": "b"}
+    assert docs[second]["topic"] is None
+    assert client[db_name].orders.count_documents({}) == 1
+
+
+def test_exception_aborts_both(client, db_name):
+    with pytest.raises(KeyError), outbox_transaction(client, database=db_name) as tx:
+        client[db_name].orders.insert_one({"_id": 1}, session=tx.session)
+        tx.emit("OrderCreated", {"id": 1})
+        raise KeyError("x")
+    assert client[db_name].orders.count_documents({}) == 0
+    assert client[db_name].outbox.count_documents({}) == 0
+
+
+@pytest.mark.parametrize(
+    ("emit", "match"),
+    [
+        ({"payload": {"x": object()}}, "JSON"),
+        ({"payload": b"x" * 10_000_001}, "10,000,000"),
+        ({"attributes": {f"a{i}": "v" for i in range(98)}}, "at most 97"),
+        ({"attributes": {"googkey": "v"}}, "goog"),
+        ({"key": "k" * 1025}, "1024"),
+    ],
+)
+def test_invalid_emit_aborts_before_commit(client, db_name, emit, match):
+    kwargs: dict[str, Any] = {"payload": {"ok": True}, **emit}
+    payload = kwargs.pop("payload")
+    with (
+        pytest.raises(ValidationError, match=match),
+        outbox_transaction(client, database=db_name) as tx,
+    ):
+        client[db_name].orders.insert_one({"_id": 1}, session=tx.session)
+        tx.emit("Good", {"fine": 1})
+        tx.emit("Bad", payload, **kwargs)
+    assert client[db_name].orders.count_documents({}) == 0
+    assert client[db_name].outbox.count_documents({}) == 0
+
+
+def test_commit_is_retried_on_unknown_commit_result(client, db_name):
+    with fail_point(
+        client,
+        {
+            "failCommands": ["commitTransaction"],
+            "errorCode": 64,  # WriteConcernFailed, with the label a lost reply gets
+            "errorLabels": ["UnknownTransactionCommitResult"],
+        },
+        times=2,
+    ):
+        with outbox_transaction(client, database=db_name) as tx:
+            client[db_name].orders.insert_one({"_id": 1}, session=tx.session)
+            event_id = tx.emit("OrderCreated", {"id": 1})
+    assert client[db_name].outbox.find_one({"_id": event_id}) is not None
+    assert client[db_name].orders.count_documents({}) == 1
+
+
+def test_run_in_outbox_transaction_retries_the_whole_function(client, db_name):
+    calls: list[ObjectId] = []
+    attempts = []
+
+    def work(tx: OutboxTransaction) -> ObjectId:
+        attempts.append(1)
+        client[db_name].orders.insert_one({"_id": len(calls)}, session=tx.session)
+        event_id = tx.emit("OrderCreated", {"attempt": len(calls)})
+        calls.append(event_id)
+        return event_id
+
+    with fail_point(
+        client,
+        {
+            "failCommands": ["insert"],
+            "errorCode": 112,  # WriteConflict: a TransientTransactionError
+            "errorLabels": ["TransientTransactionError"],
+        },
+    ):
+        result = run_in_outbox_transaction(client, work, database=db_name)
+    assert len(attempts) == 2, "the failed first attempt must have been re-run"
+    assert result == calls[-1]
+    # Only the committed attempt's event and document exist.
+    assert [d["_id"] for d in client[db_name].outbox.find()] == [calls[-1]]
+    assert client[db_name].orders.count_documents({}) == 1
+
+
+def test_outbox_transaction_rejects_clients_without_transactions():
+    import mongomock
+
+    with pytest.raises(TypeError, match="mongomock"):
+        outbox_transaction(mongomock.MongoClient(), database="x")
+
+
+def test_database_defaults_to_the_uri_database(mongodb_uri, outbox_database):
+    base, _, query = mongodb_uri.partition("?")
+    uri = f"{base.rstrip('/')}/{outbox_database}?{query}"
+    with MongoClient(uri) as c:
+        with outbox_transaction(c) as tx:
+            tx.emit("E", "x")
+        assert c[outbox_database].outbox.count_documents({}) == 1
+
+
+# -- async: PyMongo's native async client and Motor ---------------------------------------
+
+
+async def _async_roundtrip(client: Any, db: str) -> None:
+    async with outbox_transaction(client, database=db) as tx:
+        assert isinstance(tx, AsyncOutboxTransaction)
+        await client[db].orders.insert_one({"_id": 1}, session=tx.session)
+        kept = tx.emit("OrderCreated", {"id": 1}, key="o-1")
+    with pytest.raises(RuntimeError):
+        async with outbox_transaction(client, database=db) as tx:
+            await client[db].orders.insert_one({"_id": 2}, session=tx.session)
+            tx.emit("OrderCreated", {"id": 2}, key="o-2")
+            raise RuntimeError("abort")
+    with pytest.raises(ValidationError):
+        async with outbox_transaction(client, database=db) as tx:
+            await client[db].orders.insert_one({"_id": 3}, session=tx.session)
+            tx.emit("OrderCreated", {"id": 3}, attributes={"goog-x": "1"})
+
+    async def work(tx: AsyncOutboxTransaction) -> ObjectId:
+        await client[db].orders.insert_one({"_id": 4}, session=tx.session)
+        return tx.emit("OrderCreated", {"id": 4}, key="o-4")
+
+    via_fn = await run_in_outbox_transaction(client, work, database=db)
+    ids = [d["_id"] async for d in client[db].outbox.find({}, sort=[("_id", 1)])]
+    assert ids == [kept, via_fn]
+    assert sorted([d["_id"] async for d in client[db].orders.find()]) == [1, 4]
+
+
+def test_async_pymongo_client(mongodb_uri, db_name):
+    async def main() -> None:
+        client: AsyncMongoClient[Any] = AsyncMongoClient(mongodb_uri)
+        try:
+            await _async_roundtrip(client, db_name)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_motor_client(mongodb_uri, db_name):
+    from motor.motor_asyncio import AsyncIOMotorClient
+
+    async def main() -> None:
+        client = AsyncIOMotorClient(mongodb_uri)
+        try:
+            await _async_roundtrip(client, db_name)
+        finally:
+            client.close()
+
+    asyncio.run(main())
