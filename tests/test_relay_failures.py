@@ -1,0 +1,72 @@
+"""Relay behaviour under failing keys and poison documents (in-memory publisher, real MongoDB)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from bson import ObjectId
+from helpers import wait_for
+
+from mongo_outbox import InMemoryPublisher, outbox_transaction
+from mongo_outbox._store import OutboxStore
+
+
+def test_failing_key_holds_its_later_events_while_other_keys_flow(client, db_name, relay_factory):
+    memory = InMemoryPublisher()
+    memory.fail_topic("broken")
+    relay = relay_factory(
+        db_name, publisher=memory, default_topic="ok", retry_initial=0.2, retry_max=0.4
+    )
+    with outbox_transaction(client, database=db_name) as tx:
+        blocker = tx.emit("E", b"k-0", key="K", topic="broken")
+        k_later = [tx.emit("E", f"k-{i}".encode(), key="K") for i in range(1, 4)]
+        others = [tx.emit("E", f"o-{i}".encode(), key="O") for i in range(3)]
+    wait_for(lambda: len(memory.messages) >= 3)
+    assert [m.event_id for m in memory.messages] == others
+    doc = wait_for(lambda: client[db_name].outbox.find_one({"_id": blocker, "attempts": 2}))
+    assert "refused" in doc["last_error"]
+    # Later events of K are still pending, never published ahead of the blocker.
+    assert all(client[db_name].outbox.find_one({"_id": i})["status"] == "pending" for i in k_later)
+    with outbox_transaction(client, database=db_name) as tx:
+        even_later = tx.emit("E", b"k-4", key="K")
+        more_others = tx.emit("E", b"o-3", key="O")
+    wait_for(lambda: more_others in [m.event_id for m in memory.messages])
+    assert client[db_name].outbox.find_one({"_id": even_later})["status"] == "pending"
+    memory.heal_topic("broken")
+    wait_for(lambda: OutboxStore(client[db_name]).counts()["pending"] == 0, timeout=30)
+    k_order = [m.event_id for m in memory.messages if m.ordering_key == "K"]
+    assert k_order == [blocker, *k_later, even_later]
+    relay.stop()
+
+
+def test_poison_documents_are_set_aside_and_the_relay_goes_on(client, db_name, relay_factory):
+    memory = InMemoryPublisher()
+    relay = relay_factory(db_name, publisher=memory, default_topic="ok")
+    now = dt.datetime.now(dt.timezone.utc)
+    base = {"status": "pending", "attempts": 0, "created_at": now, "attributes": {}, "key": None}
+    poison = [
+        {**base, "_id": ObjectId(), "type": "T", "payload": "text, not bytes"},
+        {**base, "_id": ObjectId(), "payload": b"no type"},
+        {**base, "_id": ObjectId(), "type": "T", "payload": b"x", "attributes": {"n": 1}},
+        {**base, "_id": ObjectId(), "type": "T", "payload": b"x", "key": "k" * 2000},
+        {**base, "_id": ObjectId(), "type": "T", "payload": b"x", "created_at": "yesterday"},
+    ]
+    with outbox_transaction(client, database=db_name) as tx:
+        good_before = tx.emit("Good", b"1")
+    client[db_name].outbox.insert_many(poison)
+    with outbox_transaction(client, database=db_name) as tx:
+        good_after = tx.emit("Good", b"2")
+    wait_for(lambda: len(memory.messages) == 2)
+    assert [m.event_id for m in memory.messages] == [good_before, good_after]
+    for doc in poison:
+        stored = wait_for(
+            lambda d=doc: client[db_name].outbox.find_one({"_id": d["_id"], "status": "dead"})
+        )
+        assert stored["last_error"].startswith("poison: ")
+    errors = {client[db_name].outbox.find_one({"_id": d["_id"]})["last_error"] for d in poison}
+    assert any("payload" in e for e in errors)
+    assert any("type" in e for e in errors)
+    assert any("created_at" in e for e in errors)
+    assert relay.thread.is_alive()
+    relay.stop()
+    assert relay.relay.stats.dead == len(poison)
