@@ -73,6 +73,8 @@ def _json_default(value: Any) -> Any:
         return base64.b64encode(value).decode("ascii")
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
     raise TypeError(f"object of type {type(value).__name__} is not JSON serializable")
 
 
@@ -88,11 +90,11 @@ def encode_payload(payload: Mapping[str, Any] | bytes | str) -> bytes:
     if isinstance(payload, (bytearray, memoryview)):
         return bytes(payload)
     if isinstance(payload, str):
-        return payload.encode("utf-8")
+        return _encode_text(payload, "payload")
     if isinstance(payload, Mapping):
         try:
             text = json.dumps(
-                payload,
+                dict(payload),
                 default=_json_default,
                 ensure_ascii=False,
                 allow_nan=False,
@@ -103,7 +105,7 @@ def encode_payload(payload: Mapping[str, Any] | bytes | str) -> bytes:
                 f"payload cannot be encoded as JSON: {exc}; pass JSON-compatible values "
                 "(or ObjectId, datetime, Decimal, UUID), or encode it yourself and pass bytes"
             ) from exc
-        return text.encode("utf-8")
+        return _encode_text(text, "payload")
     raise ValidationError(f"payload must be a dict, bytes or str, not {type(payload).__name__}")
 
 
@@ -125,14 +127,24 @@ def utcnow() -> _dt.datetime:
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
-def _utf8_len(value: str) -> int:
-    return len(value.encode("utf-8"))
+def _encode_text(value: str, what: str) -> bytes:
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationError(
+            f"{what} is not valid Unicode ({exc.reason} at index {exc.start}): "
+            "a lone surrogate cannot be encoded as UTF-8"
+        ) from exc
+
+
+def _utf8_len(value: str, what: str = "a string") -> int:
+    return len(_encode_text(value, what))
 
 
 def _check_type(event_type: Any) -> str:
     if not isinstance(event_type, str) or not event_type:
         raise ValidationError(f"event type must be a non-empty str, got {event_type!r}")
-    if _utf8_len(event_type) > MAX_TYPE_BYTES:
+    if _utf8_len(event_type, "event type") > MAX_TYPE_BYTES:
         raise ValidationError(
             f"event type is longer than {MAX_TYPE_BYTES} bytes (it is sent as an attribute value)"
         )
@@ -158,7 +170,7 @@ def _check_key(key: Any) -> str | None:
         return None
     if not isinstance(key, str) or not key:
         raise ValidationError(f"ordering key must be a non-empty str or None, got {key!r}")
-    if _utf8_len(key) > MAX_ORDERING_KEY_BYTES:
+    if _utf8_len(key, "ordering key") > MAX_ORDERING_KEY_BYTES:
         raise ValidationError(
             f"ordering key is {_utf8_len(key)} bytes; Pub/Sub allows at most "
             f"{MAX_ORDERING_KEY_BYTES}: use a shorter key (a hash of it, for instance)"
@@ -192,11 +204,11 @@ def _check_attributes(attributes: Any) -> dict[str, str]:
             )
         if name in RESERVED_ATTRIBUTES:
             raise ValidationError(f"attribute key {name!r} is reserved by mongo-outbox: rename it")
-        if _utf8_len(name) > MAX_ATTRIBUTE_KEY_BYTES:
+        if _utf8_len(name, f"attribute key {name!r}") > MAX_ATTRIBUTE_KEY_BYTES:
             raise ValidationError(
                 f"attribute key {name[:40]!r}... is longer than {MAX_ATTRIBUTE_KEY_BYTES} bytes"
             )
-        if _utf8_len(value) > MAX_ATTRIBUTE_VALUE_BYTES:
+        if _utf8_len(value, f"attribute {name!r}") > MAX_ATTRIBUTE_VALUE_BYTES:
             raise ValidationError(
                 f"attribute {name!r} has a value longer than {MAX_ATTRIBUTE_VALUE_BYTES} bytes: "
                 "move it into the payload"

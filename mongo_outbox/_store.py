@@ -15,6 +15,7 @@ from pymongo.database import Database
 from pymongo.errors import CollectionInvalid, OperationFailure
 
 from ._event import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED
+from ._event import utcnow as _utcnow
 
 __all__ = ["Failure", "OutboxStore", "ensure_indexes", "state_collection_name"]
 
@@ -162,6 +163,42 @@ class OutboxStore:
                 with contextlib.suppress(Exception):
                     self.db.command({"killCursors": self.outbox.name, "cursors": [cursor_id]})
 
+    def dead_keys(self) -> list[str]:
+        """Ordering keys that have a dead event."""
+        keys = self.outbox.distinct("key", {"status": STATUS_DEAD, "key": {"$type": "string"}})
+        return [str(k) for k in keys]
+
+    def requeue(
+        self,
+        *,
+        ids: Iterable[ObjectId] | None = None,
+        event_type: str | None = None,
+        key: str | None = None,
+        older_than: _dt.datetime | None = None,
+    ) -> int:
+        """Set dead events back to pending (all, or those matching every filter given).
+
+        Attempts start again from zero; ``last_error`` is kept for the record. Returns how
+        many events were requeued.
+        """
+        query: dict[str, Any] = {"status": STATUS_DEAD}
+        if ids is not None:
+            query["_id"] = {"$in": list(ids)}
+        if event_type is not None:
+            query["type"] = event_type
+        if key is not None:
+            query["key"] = key
+        if older_than is not None:
+            query["created_at"] = {"$lt": older_than}
+        result = self.outbox.update_many(
+            query,
+            {
+                "$set": {"status": STATUS_PENDING, "attempts": 0, "requeued_at": _utcnow()},
+                "$unset": {"next_attempt_at": ""},
+            },
+        )
+        return int(result.modified_count)
+
     def counts(self) -> dict[str, int]:
         """Number of events per status."""
         result = {STATUS_PENDING: 0, STATUS_PUBLISHED: 0, STATUS_DEAD: 0}
@@ -194,13 +231,27 @@ class OutboxStore:
         doc: dict[str, Any] | None = self.state.find_one({"_id": name})
         return doc or {}
 
-    def save_token(self, name: str, token: Mapping[str, Any] | None, at: _dt.datetime) -> None:
-        """Persist the change stream resume token of relay ``name``."""
-        self.state.update_one(
-            {"_id": name},
-            {"$set": {"resume_token": token, "checkpoint_at": at}},
-            upsert=True,
+    def save_token(
+        self,
+        name: str,
+        token: Mapping[str, Any] | None,
+        at: _dt.datetime,
+        fence: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Persist the resume token of relay ``name``; False if the ``fence`` filter failed.
+
+        ``fence`` (from the relay's lease) makes the write conditional on still holding the
+        lease, so a relay that lost it cannot move the checkpoint of its successor.
+        """
+        if fence is None:
+            self.state.update_one(
+                {"_id": name}, {"$set": {"resume_token": token, "checkpoint_at": at}}, upsert=True
+            )
+            return True
+        result = self.state.update_one(
+            fence, {"$set": {"resume_token": token, "checkpoint_at": at}}
         )
+        return result.matched_count == 1
 
     def reset_token(self, name: str) -> bool:
         """Forget the resume token so the next start runs the gap-free recovery."""

@@ -20,11 +20,13 @@ from types import FrameType
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
+from bson import ObjectId
+from bson.errors import InvalidId
 from pymongo import MongoClient
 from pymongo.errors import ConfigurationError as MongoConfigurationError
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
-from ._errors import ConfigurationError, ConnectError
+from ._errors import ConfigurationError, ConnectError, LeaseLostError
 from ._store import OutboxStore, ensure_indexes
 
 __all__ = ["main"]
@@ -173,6 +175,19 @@ def _build_parser() -> argparse.ArgumentParser:
         default=int(_env("--max-attempts") or 10),
         help="failed attempts before an event becomes dead (default 10)",
     )
+    relay.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=float(_env("--lease-ttl") or 15.0),
+        help="seconds a relay's lease lasts; a standby takes over after it expires (default 15)",
+    )
+    relay.add_argument(
+        "--dead-key-policy",
+        choices=["release", "hold"],
+        default=_env("--dead-key-policy") or "release",
+        help="release: a dead event lets later events of its key go on (default); hold: they "
+        "wait until it is requeued",
+    )
 
     init = sub.add_parser("init", help="create the outbox collections and indexes")
     _add_mongo_flags(init)
@@ -190,6 +205,27 @@ def _build_parser() -> argparse.ArgumentParser:
         help="reset: forget the token; the next start runs the gap-free recovery sweep",
     )
     checkpoint.add_argument("--name", default=_env("--name") or "default", help="relay name")
+
+    requeue = sub.add_parser(
+        "requeue",
+        help="set dead events back to pending",
+        description="Requeue dead events so the relay publishes them again (attempts restart "
+        "from zero). Name events by --id, --type, --key, --older-than (all must match), or "
+        "pass --all.",
+    )
+    _add_mongo_flags(requeue)
+    requeue.add_argument(
+        "--id", action="append", dest="ids", metavar="EVENT_ID", help="event id (hex); repeatable"
+    )
+    requeue.add_argument("--type", dest="event_type", help="event type")
+    requeue.add_argument("--key", help="ordering key")
+    requeue.add_argument(
+        "--older-than",
+        type=float,
+        metavar="SECONDS",
+        help="only events created more than SECONDS ago",
+    )
+    requeue.add_argument("--all", action="store_true", help="every dead event")
 
     sub.add_parser(
         "demo",
@@ -317,6 +353,32 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_requeue(args: argparse.Namespace) -> int:
+    filters = (args.ids, args.event_type, args.key, args.older_than)
+    if not args.all and all(f is None for f in filters):
+        raise _Exit(
+            EXIT_CONFIG,
+            "say which dead events to requeue: --id, --type, --key, --older-than, or --all",
+        )
+    ids = None
+    if args.ids is not None:
+        try:
+            ids = [ObjectId(i) for i in args.ids]
+        except (InvalidId, TypeError) as exc:
+            raise _Exit(EXIT_CONFIG, f"bad --id: {exc}") from exc
+    older = None
+    if args.older_than is not None:
+        older = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(seconds=args.older_than)
+    client = _connect(args)
+    try:
+        store = OutboxStore(client[args.database], args.collection)
+        count = store.requeue(ids=ids, event_type=args.event_type, key=args.key, older_than=older)
+    finally:
+        client.close()
+    print(f"requeued {count} dead event{'s' if count != 1 else ''}")
+    return EXIT_OK
+
+
 def _cmd_relay(args: argparse.Namespace) -> int:
     from .publishers import PubSubPublisher
     from .relay import Relay, RelayConfig
@@ -333,6 +395,8 @@ def _cmd_relay(args: argparse.Namespace) -> int:
             default_topic=args.default_topic,
             batch_size=args.batch_size,
             max_attempts=args.max_attempts,
+            lease_ttl=args.lease_ttl,
+            dead_key_policy=args.dead_key_policy,
         )
         if args.default_topic is not None:
             from ._event import check_topic
@@ -345,7 +409,11 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     relay = Relay(client, publisher, config)
     try:
         if args.once:
-            count = relay.run_once()
+            try:
+                count = relay.run_once()
+            except LeaseLostError as exc:
+                log.warning("%s; nothing to do", exc)
+                return EXIT_OK
             log.info("published %d events", count)
             return EXIT_OK
         stop = threading.Event()
@@ -388,6 +456,7 @@ _COMMANDS = {
     "init": _cmd_init,
     "status": _cmd_status,
     "checkpoint": _cmd_checkpoint,
+    "requeue": _cmd_requeue,
     "demo": _cmd_demo,
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 __all__ = ["RelayConfig"]
 
@@ -40,6 +41,13 @@ class RelayConfig:
     transient_max: float = 30.0
     #: Events queued between the change stream reader and the publisher.
     queue_size: int = 4000
+    #: Seconds a relay's lease lasts without renewal; a standby takes over after it expires.
+    lease_ttl: float = 15.0
+    #: Lease owner id (default: host:pid:random).
+    owner: str | None = None
+    #: What a dead event does to its key: "release" lets later events of the key go on,
+    #: "hold" keeps them pending until the dead event is requeued (or deleted).
+    dead_key_policy: Literal["release", "hold"] = "release"
 
     def __post_init__(self) -> None:
         if not self.database:
@@ -48,3 +56,7 @@ class RelayConfig:
             raise ValueError("batch_size must be between 1 and 10000")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if self.lease_ttl <= 0:
+            raise ValueError("lease_ttl must be positive")
+        if self.dead_key_policy not in ("release", "hold"):
+            raise ValueError("dead_key_policy must be 'release' or 'hold'")

@@ -36,7 +36,8 @@ def key_of(doc: Mapping[str, Any]) -> str | None:
 
 def retry_delay(attempts: int, initial: float, maximum: float) -> float:
     """Exponential backoff with jitter for the ``attempts``-th failure (1-based)."""
-    base: float = min(maximum, initial * (2.0 ** max(0, attempts - 1)))
+    # The exponent is capped so a huge attempt count cannot overflow the float.
+    base: float = min(maximum, initial * (2.0 ** min(max(0, attempts - 1), 64)))
     return base * random.uniform(0.5, 1.0)
 
 
@@ -50,12 +51,19 @@ class SweepFilter:
     event that is not due yet (the ones the change stream must hold too).
     """
 
-    def __init__(self, now: _dt.datetime, grace: float | None, blocked: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        now: _dt.datetime,
+        grace: float | None,
+        blocked: Iterable[str] = (),
+        dead_keys: Iterable[str] = (),
+    ) -> None:
         self.now = now
         self.blocked = frozenset(blocked)
         self.young_after = None if grace is None else now - _dt.timedelta(seconds=grace)
-        self.held: set[str] = set()
-        self.waiting: set[str] = set()
+        # Keys of dead events hold everything after them (the "hold" dead-key policy).
+        self.held: set[str] = set(dead_keys)
+        self.waiting: set[str] = set(dead_keys)
 
     def admit(self, doc: Mapping[str, Any]) -> bool:
         """True when ``doc`` may be published now."""
@@ -104,13 +112,15 @@ def classify(
     max_attempts: int,
     retry_initial: float,
     retry_max: float,
+    hold_dead: bool = False,
 ) -> Outcome:
     """Decide each event's fate from its publish result, keeping per-key order.
 
     A transient error sends the event, and every later event of its key, back for an
     in-process retry without counting an attempt. A permanent error counts an attempt and
     schedules the next one (or makes the event dead at ``max_attempts``); later events of its
-    key stay pending, and the key is reported blocked.
+    key stay pending, and the key is reported blocked. A dead event blocks its key only with
+    ``hold_dead``.
     """
     outcome = Outcome()
     retrying: set[str] = set()
@@ -132,6 +142,8 @@ def classify(
             if attempts >= max_attempts:
                 outcome.failures.append(Failure(message.event_id, attempts, str(error), None))
                 outcome.dead += 1
+                if hold_dead and key is not None:
+                    outcome.blocked.add(key)
             else:
                 delay = retry_delay(attempts, retry_initial, retry_max)
                 next_at = now + _dt.timedelta(seconds=delay)

@@ -17,7 +17,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +34,17 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from .._errors import ConfigurationError, PoisonEventError, TransientPublishError
+from .._errors import (
+    ConfigurationError,
+    LeaseLostError,
+    PoisonEventError,
+    TransientPublishError,
+)
 from .._event import Message, attempts_of, message_from_document, utcnow
 from .._store import Failure, OutboxStore
 from ..publishers import Publisher
 from ._config import RelayConfig
+from ._lease import Lease, new_owner_id
 from ._ordering import SweepFilter, classify, key_of
 from ._tailer import Change, Idle, StreamFailed, Tailer
 
@@ -92,45 +99,127 @@ class Relay:
         self._swept_done = 0.0
         # Changes at or before this time were covered by the start-up sweep.
         self._covered_until: Timestamp | None = None
+        self.lease = Lease(
+            self.store.state, config.name, config.owner or new_owner_id(), config.lease_ttl
+        )
+        self._fence: int | None = None
 
     # -- public --------------------------------------------------------------------------
 
     def run(self, stop: threading.Event | None = None) -> None:
-        """Relay until ``stop`` is set; connection losses are ridden out with backoff."""
+        """Relay until ``stop`` is set; connection losses are ridden out with backoff.
+
+        Waits as a standby while another relay holds the lease of this outbox and name.
+        """
         if stop is not None:
             self._stop = stop
         failures = 0
-        while not self._stop.is_set():
-            try:
-                self._pipeline(once=False)
-                failures = 0
-            except (PyMongoError, _StreamError) as exc:
-                if isinstance(exc, OperationFailure) and exc.code in (13, 18):
-                    raise ConfigurationError(f"MongoDB refused the relay: {exc}") from exc
-                if isinstance(exc, _StreamError) and isinstance(exc.__cause__, OperationFailure):
-                    # The server refused to go on from our position (history lost, invalid
-                    # token...). Recovery from the cluster time is always safe.
-                    self._token = None
-                failures += 1
-                self.stats.restarts += 1
-                delay = min(
-                    self.config.transient_max, self.config.transient_initial * 2 ** min(failures, 8)
-                )
-                log.warning("relay pipeline failed (%s); restarting in %.1fs", exc, delay)
-                self._stop.wait(delay)
+        try:
+            while not self._stop.is_set():
+                if not self._await_lease(timeout=None):
+                    break
+                with self._renewing():
+                    failures = self._run_pipeline(failures)
+        finally:
+            self._release_lease()
+
+    def _run_pipeline(self, failures: int) -> int:
+        """One pipeline run; returns the count of consecutive failures."""
+        try:
+            self._pipeline(once=False)
+            return 0
+        except LeaseLostError as exc:
+            log.warning("%s: stopped publishing; back to standby", exc)
+            return failures
+        except (PyMongoError, _StreamError) as exc:
+            if isinstance(exc, OperationFailure) and exc.code in (13, 18):
+                raise ConfigurationError(f"MongoDB refused the relay: {exc}") from exc
+            if isinstance(exc, _StreamError) and isinstance(exc.__cause__, OperationFailure):
+                # The server refused to go on from our position (history lost, invalid
+                # token...). Recovery from the cluster time is always safe.
+                self._token = None
+            failures += 1
+            self.stats.restarts += 1
+            delay = min(
+                self.config.transient_max, self.config.transient_initial * 2 ** min(failures, 8)
+            )
+            log.warning("relay pipeline failed (%s); restarting in %.1fs", exc, delay)
+            self._stop.wait(delay)
+            return failures
 
     def run_once(self) -> int:
         """Publish everything pending and everything committed so far, then return.
 
-        Returns the number of events published.
+        Returns the number of events published. Raises :class:`LeaseLostError` when another
+        relay holds the lease for longer than one lease period (it is doing the work).
         """
         before = self.stats.published
-        self._pipeline(once=True)
+        try:
+            if not self._await_lease(timeout=self.config.lease_ttl + 1.0):
+                raise LeaseLostError(
+                    f"another relay holds the lease of {self.config.name!r}: it is publishing"
+                )
+            with self._renewing():
+                self._pipeline(once=True)
+        finally:
+            self._release_lease()
         return self.stats.published - before
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish its batch, checkpoint and return."""
         self._stop.set()
+
+    # -- lease ---------------------------------------------------------------------------
+
+    def _await_lease(self, timeout: float | None) -> bool:
+        """Wait as a standby until the lease is ours; False if stopped or timed out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        announced = False
+        while not self._stop.is_set():
+            previous = self._fence
+            try:
+                if self.lease.try_acquire():
+                    self._fence = self.lease.fence
+                    if self._fence != previous:
+                        # Another relay may have moved on meanwhile: start from its checkpoint.
+                        self._token_loaded = False
+                        self._blocked = set()
+                    return True
+            except PyMongoError as exc:
+                log.warning("cannot reach MongoDB to take the lease: %s", exc)
+            if not announced:
+                log.info("standby: another relay holds the lease of %r", self.config.name)
+                announced = True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            self._stop.wait(min(1.0, self.config.lease_ttl / 4))
+        return False
+
+    @contextmanager
+    def _renewing(self) -> Iterator[None]:
+        halt = threading.Event()
+
+        def renew() -> None:
+            while not halt.wait(self.config.lease_ttl / 4):
+                try:
+                    if not self.lease.renew():
+                        return
+                except PyMongoError as exc:
+                    log.warning("lease renewal failed: %s", exc)
+
+        thread = threading.Thread(target=renew, name="outbox-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            halt.set()
+            thread.join()
+
+    def _release_lease(self) -> None:
+        try:
+            self.lease.release()
+        except PyMongoError as exc:
+            log.warning("could not release the lease (it expires by itself): %s", exc)
 
     # -- pipeline ------------------------------------------------------------------------
 
@@ -140,12 +229,18 @@ class Relay:
             self._saved_token = self._token
             self._token_loaded = True
         stream = self._open_stream()
+        opened_at = stream.resume_token
         tailer = Tailer(stream, self.config.queue_size)
         tailer.start()
         try:
             at = self._cluster_time()
             self._covered_until = at
             self._sweep(grace=None, at=at)
+            if self._token is None:
+                # The sweep covered everything committed before the stream opened, so its
+                # opening position is already a safe checkpoint.
+                self._token = opened_at
+                self._checkpoint(force=True)
             started = time.monotonic()
             next_sweep = started + self.config.sweep_interval
             while not self._stop.is_set():
@@ -258,7 +353,9 @@ class Relay:
     # -- sweeping ------------------------------------------------------------------------
 
     def _sweep(self, *, grace: float | None, at: Timestamp) -> None:
-        filt = SweepFilter(utcnow(), grace, self._blocked)
+        hold = self.config.dead_key_policy == "hold"
+        dead_keys = self.store.dead_keys() if hold else ()
+        filt = SweepFilter(utcnow(), grace, self._blocked, dead_keys)
         # Keys that fail during the sweep are added back by _publish; the stream is not being
         # consumed meanwhile, so starting afresh is safe.
         self._blocked = set()
@@ -347,6 +444,7 @@ class Relay:
         try:
             for attempt in retrying:
                 with attempt:
+                    self.lease.check()
                     results = self.publisher.publish([m for _, m in pending])
                     now = utcnow()
                     outcome = classify(
@@ -356,6 +454,7 @@ class Relay:
                         max_attempts=self.config.max_attempts,
                         retry_initial=self.config.retry_initial,
                         retry_max=self.config.retry_max,
+                        hold_dead=self.config.dead_key_policy == "hold",
                     )
                     self.store.mark_published(outcome.published, now)
                     self.store.record_failures(outcome.failures)
@@ -400,6 +499,8 @@ class Relay:
         now = time.monotonic()
         if not force and now - self._saved_at < self.config.checkpoint_interval:
             return
-        self.store.save_token(self.config.name, token, utcnow())
+        self.lease.check()
+        if not self.store.save_token(self.config.name, token, utcnow(), self.lease.fenced()):
+            raise LeaseLostError(f"relay {self.config.name!r} lost its lease (checkpoint refused)")
         self._saved_token = token
         self._saved_at = now
