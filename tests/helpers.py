@@ -90,6 +90,17 @@ class PubSubKit:
         )
         return name, Subscription(self.subscriber_client, sub_path)
 
+    def topic_subscription(self, name: str) -> tuple[str, Subscription]:
+        """A new ordered subscription to an existing topic."""
+        topic_path = self.publisher_client.topic_path(self.project, name)
+        sub_path = self.subscriber_client.subscription_path(
+            self.project, f"{name}-sub-{uuid.uuid4().hex[:6]}"
+        )
+        self.subscriber_client.create_subscription(
+            request={"name": sub_path, "topic": topic_path, "enable_message_ordering": True}
+        )
+        return name, Subscription(self.subscriber_client, sub_path)
+
 
 class RelayThread:
     """A relay running in a background thread."""

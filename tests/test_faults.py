@@ -1,0 +1,316 @@
+"""Fault injection with real relay processes, a real mongod and the real emulator.
+
+Each test counts what reached a subscription against what the outbox holds at the end.
+Figures (written, delivered, duplicates, recovery times) are printed; run with ``-s`` to see.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import pytest
+from faults import RelayProcess, Writer, check_delivery, committed_ids, relay_env
+from helpers import wait_for
+from pymongo import MongoClient
+from pymongo.errors import OperationFailure
+
+from mongo_outbox import ensure_indexes, outbox_transaction
+from mongo_outbox._store import OutboxStore
+from mongo_outbox.cli import main as cli_main
+from mongo_outbox.testing import MongoReplicaSet
+
+pytestmark = pytest.mark.slow
+
+
+def _report(name: str, **figures: Any) -> None:
+    print(f"\n[fault] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+def _all_published(client: MongoClient[Any], db: str) -> bool:
+    return OutboxStore(client[db]).counts()["pending"] == 0
+
+
+def test_kill_9_relay_repeatedly_while_writing(client, db_name, pubsub, mongodb_uri):
+    topic, sub = pubsub.topic()
+    env = relay_env(mongodb_uri, db_name, pubsub.project, topic)
+    writer = Writer(client, db_name)
+    writer.start()
+    rng = random.Random(7)
+    kills = 0
+    try:
+        for _ in range(8):
+            relay = RelayProcess(env)
+            try:
+                time.sleep(rng.uniform(0.5, 2.5))  # the fault is *when*: random on purpose
+                sub.pull_once(timeout=0.5)
+                relay.kill()
+                kills += 1
+            finally:
+                relay.close()
+    finally:
+        writer.stop()
+    final = RelayProcess(env)
+    started = time.monotonic()
+    try:
+        wait_for(lambda: _all_published(client, db_name), timeout=120)
+        recovered = time.monotonic() - started
+        committed = committed_ids(client, db_name)
+        sub.pull_until(len(committed), timeout=120)
+        sub.drain_quietly(quiet=2.0)
+        assert final.terminate() == 0, final.output()
+    finally:
+        final.close()
+    delivered, duplicates = check_delivery(committed, sub.received)
+    _report(
+        "kill -9 x8",
+        kills=kills,
+        written=len(committed),
+        delivered=delivered,
+        duplicates=duplicates,
+        lost=len(committed) - delivered,
+        drain_after_last_kill_s=round(recovered, 1),
+    )
+    assert kills == 8
+    assert len(committed) > 500
+
+
+def test_frozen_emulator_is_ridden_out(client, db_name, pubsub, pubsub_emulator, mongodb_uri):
+    topic, sub = pubsub.topic()
+    relay = RelayProcess(relay_env(mongodb_uri, db_name, pubsub.project, topic))
+    writer = Writer(client, db_name, pause=0.01)
+    writer.start()
+    try:
+        wait_for(lambda: sub.pull_once(timeout=0.5), timeout=60)
+        pubsub_emulator.pause()
+        try:
+            time.sleep(10)  # the fault is a 10 s outage
+            assert relay.alive(), relay.output()
+        finally:
+            pubsub_emulator.resume()
+        resumed = time.monotonic()
+        time.sleep(1)
+        writer.stop()
+        wait_for(lambda: _all_published(client, db_name), timeout=120)
+        caught_up = time.monotonic() - resumed
+        committed = committed_ids(client, db_name)
+        sub.pull_until(len(committed), timeout=120)
+        sub.drain_quietly(quiet=1.5)
+        assert relay.alive(), relay.output()
+        assert relay.terminate() == 0
+    finally:
+        writer.stop()
+        relay.close()
+    delivered, duplicates = check_delivery(committed, sub.received)
+    _report(
+        "emulator SIGSTOP 10 s",
+        written=len(committed),
+        delivered=delivered,
+        duplicates=duplicates,
+        caught_up_after_resume_s=round(caught_up, 1),
+    )
+
+
+def test_mongod_restart_under_a_running_relay(pubsub, outbox_database):
+    db_name = outbox_database
+    with MongoReplicaSet() as rs:
+        client: MongoClient[Any] = MongoClient(rs.uri, tz_aware=True)
+        ensure_indexes(client, db_name)
+        topic, sub = pubsub.topic()
+        relay = RelayProcess(relay_env(rs.uri, db_name, pubsub.project, topic))
+        writer = Writer(client, db_name, pause=0.01)
+        writer.start()
+        try:
+            wait_for(lambda: sub.pull_once(timeout=0.5), timeout=60)
+            rs.restart()
+            restarted = time.monotonic()
+            wait_for(lambda: writer.attempted > 0 and sub.pull_once(timeout=0.5), timeout=60)
+            first_after = time.monotonic() - restarted
+            writer.stop()
+            wait_for(lambda: _all_published(client, db_name), timeout=120)
+            committed = committed_ids(client, db_name)
+            sub.pull_until(len(committed), timeout=120)
+            sub.drain_quietly(quiet=1.5)
+            assert relay.alive(), relay.output()
+            assert relay.terminate() == 0
+        finally:
+            writer.stop()
+            relay.close()
+            client.close()
+    delivered, duplicates = check_delivery(committed, sub.received)
+    _report(
+        "mongod restart",
+        written=len(committed),
+        delivered=delivered,
+        duplicates=duplicates,
+        writer_errors=writer.errors,
+        first_publish_after_restart_s=round(first_after, 1),
+    )
+
+
+def test_poison_document_among_good_events(client, db_name, pubsub, mongodb_uri):
+    topic, sub = pubsub.topic()
+    with outbox_transaction(client, database=db_name) as tx:
+        good = [tx.emit("Good", f"{i}".encode(), key="k") for i in range(3)]
+    poison = (
+        client[db_name]
+        .outbox.insert_one(
+            {"type": "Old", "payload": {"v": 1}, "status": "pending", "created_at": "then"}
+        )
+        .inserted_id
+    )
+    with outbox_transaction(client, database=db_name) as tx:
+        good += [tx.emit("Good", f"{i}".encode(), key="k") for i in range(3, 6)]
+    relay = RelayProcess(relay_env(mongodb_uri, db_name, pubsub.project, topic))
+    try:
+        got = sub.pull_until(6)
+        doc = wait_for(lambda: client[db_name].outbox.find_one({"_id": poison, "status": "dead"}))
+        assert relay.alive()
+        assert relay.terminate() == 0
+    finally:
+        relay.close()
+    assert [m.attributes["outbox_event_id"] for m in got] == [str(g) for g in good]
+    assert "payload" in doc["last_error"]
+    _report("poison", good=6, delivered=len(got), poison_reason=doc["last_error"])
+
+
+def test_resume_token_lost_from_the_oplog(pubsub, outbox_database):
+    db_name = outbox_database
+    with MongoReplicaSet(extra_args=["--oplogSize", "990", "--syncdelay", "1"]) as rs:
+        client: MongoClient[Any] = MongoClient(rs.uri, tz_aware=True)
+        ensure_indexes(client, db_name)
+        topic, sub = pubsub.topic()
+        env = relay_env(rs.uri, db_name, pubsub.project, topic)
+        relay = RelayProcess(env)
+        try:
+            with outbox_transaction(client, database=db_name) as tx:
+                tx.emit("Before", b"0", key="k")
+            sub.pull_until(1)
+            wait_for(lambda: OutboxStore(client[db_name]).load_state("default").get("resume_token"))
+            assert relay.terminate() == 0
+        finally:
+            relay.close()
+        token = OutboxStore(client[db_name]).load_state("default")["resume_token"]
+        with outbox_transaction(client, database=db_name) as tx:
+            while_down = [tx.emit("WhileDown", f"{i}".encode(), key="k") for i in range(50)]
+        # ~1.2 GB of throwaway oplog traffic pushes the token out of a 990 MB oplog.
+        junk = client[db_name].junk
+        blob = b"x" * (1024 * 1024 - 200)
+        first_entry = client.local["oplog.rs"].find_one(sort=[("$natural", 1)])["ts"]
+        for _ in range(12):
+            junk.insert_many([{"b": blob} for _ in range(100)])
+            junk.delete_many({})
+        wait_for(
+            lambda: client.local["oplog.rs"].find_one(sort=[("$natural", 1)])["ts"] != first_entry,
+            timeout=120,
+        )
+        with pytest.raises(OperationFailure, match=r"(?i)resume|history"):
+            client[db_name].outbox.watch(start_after=token).try_next()
+        with outbox_transaction(client, database=db_name) as tx:
+            after = [tx.emit("After", f"{i}".encode(), key="k") for i in range(10)]
+        relay = RelayProcess(env)
+        started = time.monotonic()
+        try:
+            got = sub.pull_until(61, timeout=120)
+            recovered = time.monotonic() - started
+            assert relay.terminate() == 0
+            output = relay.output()
+        finally:
+            relay.close()
+            client.close()
+    assert "unusable" in output, output
+    ids = [m.attributes["outbox_event_id"] for m in got[1:]]
+    assert ids == [str(i) for i in while_down + after]
+    _report("oplog rollover", events=61, delivered=len(got), recovery_s=round(recovered, 1))
+
+
+def test_two_relays_on_one_outbox(client, db_name, pubsub, mongodb_uri):
+    topic, sub = pubsub.topic()
+    env = relay_env(mongodb_uri, db_name, pubsub.project, topic)
+    first = RelayProcess(env)
+    wait_for(lambda: OutboxStore(client[db_name]).load_state("default").get("lease_owner"))
+    second = RelayProcess(env)
+    writer = Writer(client, db_name, pause=0.005)
+    writer.start()
+    try:
+        time.sleep(3)  # both run side by side under load
+        owner = OutboxStore(client[db_name]).load_state("default")["lease_owner"]
+        assert f":{first.proc.pid}:" in owner, "the first relay keeps the lease"
+        first.kill()
+        killed = time.monotonic()
+        wait_for(
+            lambda: (
+                f":{second.proc.pid}:"
+                in (OutboxStore(client[db_name]).load_state("default").get("lease_owner") or "")
+            ),
+            timeout=30,
+        )
+        takeover = time.monotonic() - killed
+        time.sleep(1)
+        writer.stop()
+        wait_for(lambda: _all_published(client, db_name), timeout=120)
+        committed = committed_ids(client, db_name)
+        sub.pull_until(len(committed), timeout=120)
+        sub.drain_quietly(quiet=1.5)
+        assert second.terminate() == 0
+        assert "standby" in second.output()
+    finally:
+        writer.stop()
+        first.close()
+        second.close()
+    delivered, duplicates = check_delivery(committed, sub.received)
+    _report(
+        "two relays",
+        written=len(committed),
+        delivered=delivered,
+        duplicates=duplicates,
+        takeover_s=round(takeover, 1),
+    )
+    assert duplicates < 500, "only one relay may publish: duplicates stay under one batch"
+    assert takeover < 2 * 2 + 2  # lease ttl 2 s, polled a few times a second
+
+
+def test_failing_key_waits_and_requeue_sends_it_in_order(client, db_name, pubsub, mongodb_uri):
+    topic, sub = pubsub.topic()
+    side_topic, side_sub = pubsub.topic()
+    env = relay_env(
+        mongodb_uri,
+        db_name,
+        pubsub.project,
+        topic,
+        MONGO_OUTBOX_MAX_ATTEMPTS="2",
+        MONGO_OUTBOX_DEAD_KEY_POLICY="hold",
+    )
+    relay = RelayProcess(env)
+    try:
+        with outbox_transaction(client, database=db_name) as tx:
+            k_first = tx.emit("K", b"k0", key="K", topic=side_topic)
+        side_sub.pull_until(1)
+        pubsub.publisher_client.delete_topic(
+            topic=pubsub.publisher_client.topic_path(pubsub.project, side_topic)
+        )
+        with outbox_transaction(client, database=db_name) as tx:
+            k_ids = [tx.emit("K", f"k{i}".encode(), key="K", topic=side_topic) for i in (1, 2, 3)]
+            others = [tx.emit("O", f"o{i}".encode(), key="O") for i in range(5)]
+        got = sub.pull_until(5)
+        assert [m.attributes["outbox_event_id"] for m in got] == [str(o) for o in others]
+        wait_for(lambda: client[db_name].outbox.find_one({"_id": k_ids[0], "status": "dead"}))
+        # The key is held: later K events stay pending, unpublished.
+        statuses = [client[db_name].outbox.find_one({"_id": i})["status"] for i in k_ids[1:]]
+        assert statuses == ["pending", "pending"]
+        pubsub.publisher_client.create_topic(
+            name=pubsub.publisher_client.topic_path(pubsub.project, side_topic)
+        )
+        _, fresh_sub = pubsub.topic_subscription(side_topic)
+        code = cli_main(
+            ["requeue", "--mongo-uri", mongodb_uri, "--database", db_name, "--key", "K"]
+        )
+        assert code == 0
+        got_k = fresh_sub.pull_until(3, timeout=60)
+        assert relay.terminate() == 0
+    finally:
+        relay.close()
+    assert [m.attributes["outbox_event_id"] for m in got_k] == [str(i) for i in k_ids]
+    assert side_sub.received[0].attributes["outbox_event_id"] == str(k_first)
+    _report("failing key + requeue", held=2, requeued=1, delivered_in_order=len(got_k))
