@@ -71,8 +71,13 @@ def _json_default(value: Any) -> Any:
         return str(value)
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
-    if isinstance(value, (set, frozenset, tuple)):
+    if isinstance(value, tuple):
         return list(value)
+    if isinstance(value, (set, frozenset)):
+        try:
+            return sorted(value)  # the same set must encode to the same bytes every time
+        except TypeError:
+            return list(value)
     if isinstance(value, Mapping):
         return dict(value)
     raise TypeError(f"object of type {type(value).__name__} is not JSON serializable")

@@ -163,10 +163,15 @@ class OutboxStore:
                 with contextlib.suppress(Exception):
                     self.db.command({"killCursors": self.outbox.name, "cursors": [cursor_id]})
 
-    def dead_keys(self) -> list[str]:
-        """Ordering keys that have a dead event."""
-        keys = self.outbox.distinct("key", {"status": STATUS_DEAD, "key": {"$type": "string"}})
-        return [str(k) for k in keys]
+    def dead_keys(self) -> list[tuple[str | None, str]]:
+        """(topic, ordering key) pairs that have a dead event."""
+        rows = self.outbox.aggregate(
+            [
+                {"$match": {"status": STATUS_DEAD, "key": {"$type": "string"}}},
+                {"$group": {"_id": {"t": "$topic", "k": "$key"}}},
+            ]
+        )
+        return [(r["_id"].get("t"), str(r["_id"]["k"])) for r in rows]
 
     def requeue(
         self,

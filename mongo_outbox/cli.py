@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -29,7 +29,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 from ._errors import ConfigurationError, ConnectError, LeaseLostError
 from ._store import OutboxStore, ensure_indexes
 
-__all__ = ["main"]
+__all__ = ["main", "parse_args"]
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -67,6 +67,24 @@ def _env_bool(flag: str) -> bool:
     )
 
 
+def _number(kind: type[float] | type[int], flag: str) -> Callable[[str], float | int]:
+    env = ENV_PREFIX + flag[2:].replace("-", "_").upper()
+
+    def convert(value: str) -> float | int:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{value!r} is not a{'n integer' if kind is int else ' number'} "
+                f"(from {flag} or {env})"
+            ) from None
+        if number <= 0:
+            raise argparse.ArgumentTypeError(f"{value!r} must be positive (from {flag} or {env})")
+        return number
+
+    return convert
+
+
 def redact_uri(uri: str) -> str:
     """The URI without its user info, safe to print or log."""
     try:
@@ -80,7 +98,7 @@ def redact_uri(uri: str) -> str:
 def _scrub(text: str, uri: str) -> str:
     try:
         parts = urlsplit(uri)
-        secrets = [s for s in (parts.password, parts.username) if s]
+        secrets = [parts.password] if parts.password else []
     except ValueError:
         secrets = []
     for secret in secrets:
@@ -106,14 +124,21 @@ def _add_mongo_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--connect-timeout",
-        type=float,
-        default=float(_env("--connect-timeout") or 10.0),
+        type=_number(float, "--connect-timeout"),
+        default=_env("--connect-timeout") or "10.0",
         help="seconds to wait for MongoDB before giving up with exit 3 (default 10)",
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(EXIT_CONFIG, f"{message} (see {self.prog} --help)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mongo-outbox",
         description="Transactional outbox for MongoDB: relay committed events to Pub/Sub.",
         epilog="Every flag can also be set as MONGO_OUTBOX_<FLAG>, e.g. MONGO_OUTBOX_MONGO_URI. "
@@ -154,31 +179,31 @@ def _build_parser() -> argparse.ArgumentParser:
     relay.add_argument(
         "--create-topics",
         action="store_true",
-        default=_env_bool("--create-topics"),
+        default=None,
         help="create missing topics instead of failing their events",
     )
     relay.add_argument(
         "--once",
         action="store_true",
-        default=_env_bool("--once"),
+        default=None,
         help="publish what is pending and what has been committed, then exit",
     )
     relay.add_argument(
         "--batch-size",
-        type=int,
-        default=int(_env("--batch-size") or 500),
+        type=_number(int, "--batch-size"),
+        default=_env("--batch-size") or "500",
         help="events published and marked together (default 500)",
     )
     relay.add_argument(
         "--max-attempts",
-        type=int,
-        default=int(_env("--max-attempts") or 10),
+        type=_number(int, "--max-attempts"),
+        default=_env("--max-attempts") or "10",
         help="failed attempts before an event becomes dead (default 10)",
     )
     relay.add_argument(
         "--lease-ttl",
-        type=float,
-        default=float(_env("--lease-ttl") or 15.0),
+        type=_number(float, "--lease-ttl"),
+        default=_env("--lease-ttl") or "15.0",
         help="seconds a relay's lease lasts; a standby takes over after it expires (default 15)",
     )
     relay.add_argument(
@@ -195,7 +220,9 @@ def _build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="pending, published and dead counts, lag, checkpoint")
     _add_mongo_flags(status)
     status.add_argument("--name", default=_env("--name") or "default", help="relay name")
-    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument(
+        "--json", action="store_true", default=None, help="print JSON (env MONGO_OUTBOX_JSON)"
+    )
 
     checkpoint = sub.add_parser("checkpoint", help="inspect or reset a relay's resume token")
     _add_mongo_flags(checkpoint)
@@ -236,6 +263,21 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_BOOL_FLAGS = ("create_topics", "once", "json")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _resolve_env(args: argparse.Namespace) -> None:
+    """Fill boolean flags from the environment and check what argparse does not."""
+    for name in _BOOL_FLAGS:
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, _env_bool("--" + name.replace("_", "-")))
+    if args.log_level not in _LOG_LEVELS:
+        raise _Exit(
+            EXIT_CONFIG, f"log level {args.log_level!r} is not one of {', '.join(_LOG_LEVELS)}"
+        )
+
+
 def _connect(args: argparse.Namespace, *, need_database: bool = True) -> MongoClient[Any]:
     if not args.mongo_uri:
         raise _Exit(EXIT_CONFIG, "no MongoDB URI: pass --mongo-uri or set MONGO_OUTBOX_MONGO_URI")
@@ -256,7 +298,7 @@ def _connect(args: argparse.Namespace, *, need_database: bool = True) -> MongoCl
         hello = client.admin.command("hello")
     except ConnectionFailure as exc:
         client.close()
-        first = _scrub(str(exc), uri).split(",")[0][:300]
+        first = _scrub(str(exc), uri).split(" (configured timeouts")[0][:300]
         raise _Exit(EXIT_CONNECT, f"cannot connect to MongoDB at {safe}: {first}") from exc
     except OperationFailure as exc:
         client.close()
@@ -466,15 +508,24 @@ def _fail(code: int, message: str) -> NoReturn:
     raise SystemExit(code)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mongo-outbox`` console script; returns the exit code."""
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse command-line flags, falling back to ``MONGO_OUTBOX_*`` environment variables.
+
+    Exits with status 2 and a one-line reason on a bad flag or variable.
+    """
+    args = _build_parser().parse_args(argv)
     try:
-        parser = _build_parser()
-        args = parser.parse_args(argv)
+        _resolve_env(args)
     except _Exit as exc:
         _fail(exc.code, str(exc))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mongo-outbox`` console script; returns the exit code."""
+    args = parse_args(argv)
     if args.command is None:
-        parser.print_help()
+        _build_parser().print_help()
         return EXIT_CONFIG
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

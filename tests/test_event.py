@@ -225,14 +225,6 @@ def test_oversized_dict_payload_is_rejected():
         ev.build_document("Big", {"blob": "a" * ev.MAX_MESSAGE_BYTES})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG publishers/_pubsub.py:178 (_chunks): a message's size is estimated from "
-    "len() of attribute keys/values (characters, not UTF-8 bytes) and ignores the ordering key, "
-    "so non-ASCII attributes make Publish requests far above Pub/Sub's 10 MB request limit; the "
-    "whole chunk is then refused (InvalidArgument -> permanent error)",
-)
 def test_pubsub_request_chunks_stay_within_the_request_limit_in_utf8_bytes():
     # Same byte accounting as build_document: it is what Pub/Sub counts.
     from mongo_outbox.publishers._pubsub import _chunks

@@ -325,3 +325,19 @@ def test_retry_delay_is_capped_for_huge_attempt_counts():
     # 2.0 ** 1999 would overflow a float; the delay must still be capped at the maximum.
     for attempts in (1025, 2000, 10**6):
         assert 150.0 <= retry_delay(attempts, 1.0, 300.0) <= 300.0
+
+
+# -- ordering slots: a key on a topic -------------------------------------------------------
+
+
+def test_slot_is_the_key_on_its_topic_with_the_default_applied():
+    from mongo_outbox.relay._ordering import message_slot, slot_of
+
+    assert slot_of({"key": "k", "topic": "a"}, "dflt") == "a\nk"
+    assert slot_of({"key": "k", "topic": None}, "dflt") == "dflt\nk"
+    assert slot_of({"key": None, "topic": "a"}, "dflt") is None
+    assert slot_of({"key": "k", "topic": "a"}, None) != slot_of({"key": "k", "topic": "b"}, None)
+    doc = {"_id": ObjectId(), "key": "k", "topic": None}
+    message = Message(doc["_id"], "dflt", b"", "k", {})
+    assert message_slot(message) == slot_of(doc, "dflt")
+    assert message_slot(Message(doc["_id"], "dflt", b"", None, {})) is None

@@ -19,7 +19,7 @@ def test_failing_key_holds_its_later_events_while_other_keys_flow(client, db_nam
     )
     with outbox_transaction(client, database=db_name) as tx:
         blocker = tx.emit("E", b"k-0", key="K", topic="broken")
-        k_later = [tx.emit("E", f"k-{i}".encode(), key="K") for i in range(1, 4)]
+        k_later = [tx.emit("E", f"k-{i}".encode(), key="K", topic="broken") for i in range(1, 4)]
         others = [tx.emit("E", f"o-{i}".encode(), key="O") for i in range(3)]
     wait_for(lambda: len(memory.messages) >= 3)
     assert [m.event_id for m in memory.messages] == others
@@ -28,13 +28,16 @@ def test_failing_key_holds_its_later_events_while_other_keys_flow(client, db_nam
     # Later events of K are still pending, never published ahead of the blocker.
     assert all(client[db_name].outbox.find_one({"_id": i})["status"] == "pending" for i in k_later)
     with outbox_transaction(client, database=db_name) as tx:
-        even_later = tx.emit("E", b"k-4", key="K")
+        even_later = tx.emit("E", b"k-4", key="K", topic="broken")
+        # The same key on another topic is another ordering slot: it is not held.
+        same_key_elsewhere = tx.emit("E", b"k-elsewhere", key="K")
         more_others = tx.emit("E", b"o-3", key="O")
     wait_for(lambda: more_others in [m.event_id for m in memory.messages])
+    wait_for(lambda: same_key_elsewhere in [m.event_id for m in memory.messages])
     assert client[db_name].outbox.find_one({"_id": even_later})["status"] == "pending"
     memory.heal_topic("broken")
     wait_for(lambda: OutboxStore(client[db_name]).counts()["pending"] == 0, timeout=30)
-    k_order = [m.event_id for m in memory.messages if m.ordering_key == "K"]
+    k_order = [m.event_id for m in memory.messages if m.topic == "broken"]
     assert k_order == [blocker, *k_later, even_later]
     relay.stop()
 

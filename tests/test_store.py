@@ -353,7 +353,7 @@ def test_dead_keys(store):
     store.outbox.insert_many(
         [_dead(1, key="a"), _dead(2, key="a"), _dead(3, key="b"), _dead(4), _event(5, key="c")]
     )
-    assert sorted(store.dead_keys()) == ["a", "b"]
+    assert sorted(store.dead_keys()) == [("orders", "a"), ("orders", "b")]
 
 
 def test_requeue_all_dead_events(store):

@@ -35,14 +35,18 @@ class InMemoryPublisher:
         self.fail_topics.pop(topic, None)
 
     def publish(self, messages: Sequence[Message]) -> list[PublishError | None]:
-        """Record the messages; a failed key stops its later messages in the batch."""
+        """Record the messages; a failed key stops its later messages on that topic."""
         results: list[PublishError | None] = []
-        failed_keys: dict[str, PublishError] = {}
+        failed_keys: dict[tuple[str | None, str], PublishError] = {}
         with self._lock:
             for message in messages:
-                key = message.ordering_key
+                key = None
+                if message.ordering_key is not None:
+                    key = (message.topic, message.ordering_key)
                 if key is not None and key in failed_keys:
-                    results.append(TransientPublishError(f"ordering key {key!r} paused"))
+                    results.append(
+                        TransientPublishError(f"ordering key {message.ordering_key!r} paused")
+                    )
                     continue
                 factory = self.fail_topics.get(message.topic or "")
                 if factory is not None:

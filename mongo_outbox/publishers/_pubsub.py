@@ -175,7 +175,8 @@ def _chunks(messages: Sequence[Message], indexes: list[int]) -> list[list[int]]:
     size = 0
     for i in indexes:
         m = messages[i]
-        msg_size = len(m.data) + sum(len(k) + len(v) for k, v in m.attributes.items()) + 64
+        msg_size = len(m.data) + len((m.ordering_key or "").encode()) + 64
+        msg_size += sum(len(k.encode()) + len(v.encode()) + 8 for k, v in m.attributes.items())
         if current and (
             len(current) >= _MAX_REQUEST_MESSAGES or size + msg_size > _MAX_REQUEST_BYTES
         ):

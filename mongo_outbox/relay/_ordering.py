@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,16 @@ from .._errors import PublishError, TransientPublishError
 from .._event import Message, attempts_of
 from .._store import Failure
 
-__all__ = ["Outcome", "SweepFilter", "as_utc", "classify", "key_of", "retry_delay"]
+__all__ = [
+    "Outcome",
+    "SweepFilter",
+    "as_utc",
+    "classify",
+    "key_of",
+    "message_slot",
+    "retry_delay",
+    "slot_of",
+]
 
 
 def as_utc(value: _dt.datetime) -> _dt.datetime:
@@ -32,6 +41,25 @@ def key_of(doc: Mapping[str, Any]) -> str | None:
     """The ordering key of an outbox document (None when absent or malformed)."""
     key = doc.get("key")
     return key if isinstance(key, str) and key else None
+
+
+def slot_of(doc: Mapping[str, Any], default_topic: str | None) -> str | None:
+    """The ordering slot of a document: its key on its topic (None without a key).
+
+    Pub/Sub orders per topic and key, so that is the unit that waits behind a failure.
+    """
+    key = key_of(doc)
+    if key is None:
+        return None
+    topic = doc.get("topic")
+    return f"{topic if isinstance(topic, str) else default_topic or ''}\n{key}"
+
+
+def message_slot(message: Message) -> str | None:
+    """The ordering slot of a message whose topic has been resolved."""
+    if message.ordering_key is None:
+        return None
+    return f"{message.topic or ''}\n{message.ordering_key}"
 
 
 def retry_delay(attempts: int, initial: float, maximum: float) -> float:
@@ -57,7 +85,9 @@ class SweepFilter:
         grace: float | None,
         blocked: Iterable[str] = (),
         dead_keys: Iterable[str] = (),
+        slot: Callable[[Mapping[str, Any]], str | None] = key_of,
     ) -> None:
+        self._slot = slot
         self.now = now
         self.blocked = frozenset(blocked)
         self.young_after = None if grace is None else now - _dt.timedelta(seconds=grace)
@@ -67,7 +97,7 @@ class SweepFilter:
 
     def admit(self, doc: Mapping[str, Any]) -> bool:
         """True when ``doc`` may be published now."""
-        key = key_of(doc)
+        key = self._slot(doc)
         if key is not None and key in self.held:
             return False
         next_at = doc.get("next_attempt_at")
@@ -113,6 +143,7 @@ def classify(
     retry_initial: float,
     retry_max: float,
     hold_dead: bool = False,
+    slot: Callable[[Message], str | None] = lambda m: m.ordering_key,
 ) -> Outcome:
     """Decide each event's fate from its publish result, keeping per-key order.
 
@@ -125,7 +156,7 @@ def classify(
     outcome = Outcome()
     retrying: set[str] = set()
     for (doc, message), error in zip(sent, results, strict=True):
-        key = message.ordering_key
+        key = slot(message)
         if key is not None and key in outcome.blocked:
             continue  # stays pending behind the failed event
         if key is not None and key in retrying:

@@ -45,7 +45,7 @@ from .._store import Failure, OutboxStore
 from ..publishers import Publisher
 from ._config import RelayConfig
 from ._lease import Lease, new_owner_id
-from ._ordering import SweepFilter, classify, key_of
+from ._ordering import SweepFilter, classify, message_slot, slot_of
 from ._tailer import Change, Idle, StreamFailed, Tailer
 
 __all__ = ["Relay", "RelayStats"]
@@ -103,6 +103,9 @@ class Relay:
             self.store.state, config.name, config.owner or new_owner_id(), config.lease_ttl
         )
         self._fence: int | None = None
+
+    def _slot(self, doc: Mapping[str, Any]) -> str | None:
+        return slot_of(doc, self.config.default_topic)
 
     # -- public --------------------------------------------------------------------------
 
@@ -344,7 +347,7 @@ class Relay:
     def _publish_stream_docs(self, docs: list[dict[str, Any]]) -> None:
         ready = []
         for doc in docs:
-            key = key_of(doc)
+            key = self._slot(doc)
             if key is not None and key in self._blocked:
                 continue  # stays pending; the sweep publishes it after the blocker
             ready.append(doc)
@@ -354,8 +357,11 @@ class Relay:
 
     def _sweep(self, *, grace: float | None, at: Timestamp) -> None:
         hold = self.config.dead_key_policy == "hold"
-        dead_keys = self.store.dead_keys() if hold else ()
-        filt = SweepFilter(utcnow(), grace, self._blocked, dead_keys)
+        dead = self.store.dead_keys() if hold else ()
+        dead_slots = [slot_of({"topic": t, "key": k}, self.config.default_topic) for t, k in dead]
+        filt = SweepFilter(
+            utcnow(), grace, self._blocked, [s for s in dead_slots if s], slot=self._slot
+        )
         # Keys that fail during the sweep are added back by _publish; the stream is not being
         # consumed meanwhile, so starting afresh is safe.
         self._blocked = set()
@@ -388,7 +394,7 @@ class Relay:
         sendable: list[tuple[Mapping[str, Any], Message]] = []
         poison: list[Failure] = []
         for doc in docs:
-            key = key_of(doc)
+            key = self._slot(doc)
             if key is not None and key in held:
                 continue
             try:
@@ -455,6 +461,7 @@ class Relay:
                         retry_initial=self.config.retry_initial,
                         retry_max=self.config.retry_max,
                         hold_dead=self.config.dead_key_policy == "hold",
+                        slot=message_slot,
                     )
                     self.store.mark_published(outcome.published, now)
                     self.store.record_failures(outcome.failures)
