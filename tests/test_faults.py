@@ -7,6 +7,8 @@ Figures (written, delivered, duplicates, recovery times) are printed; run with `
 from __future__ import annotations
 
 import random
+import signal
+import subprocess
 import time
 from typing import Any
 
@@ -14,7 +16,7 @@ import pytest
 from faults import RelayProcess, Writer, check_delivery, committed_ids, relay_env
 from helpers import wait_for
 from pymongo import MongoClient
-from pymongo.errors import OperationFailure
+from pymongo.errors import OperationFailure, PyMongoError
 
 from mongo_outbox import ensure_indexes, outbox_transaction
 from mongo_outbox._store import OutboxStore
@@ -26,6 +28,19 @@ pytestmark = pytest.mark.slow
 
 def _report(name: str, **figures: Any) -> None:
     print(f"\n[fault] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+def _emit_marker(client: MongoClient[Any], db: str) -> Any:
+    """Emit one event, retrying while the server comes back."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with outbox_transaction(client, database=db) as tx:
+                return tx.emit("Marker", b"after the fault", key="marker")
+        except PyMongoError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _all_published(client: MongoClient[Any], db: str) -> bool:
@@ -122,10 +137,17 @@ def test_mongod_restart_under_a_running_relay(pubsub, outbox_database):
         writer = Writer(client, db_name, pause=0.01)
         writer.start()
         try:
-            wait_for(lambda: sub.pull_once(timeout=0.5), timeout=60)
+            wait_for(lambda: len(sub.pull_once(timeout=0.5)) and len(sub.received) > 100, 60)
             rs.restart()
             restarted = time.monotonic()
-            wait_for(lambda: writer.attempted > 0 and sub.pull_once(timeout=0.5), timeout=60)
+            marker = _emit_marker(client, db_name)
+            wait_for(
+                lambda: (
+                    sub.pull_once(timeout=0.5) is not None
+                    and str(marker) in {m.attributes["outbox_event_id"] for m in sub.received}
+                ),
+                timeout=60,
+            )
             first_after = time.monotonic() - restarted
             writer.stop()
             wait_for(lambda: _all_published(client, db_name), timeout=120)
@@ -145,7 +167,7 @@ def test_mongod_restart_under_a_running_relay(pubsub, outbox_database):
         delivered=delivered,
         duplicates=duplicates,
         writer_errors=writer.errors,
-        first_publish_after_restart_s=round(first_after, 1),
+        marker_published_after_restart_s=round(first_after, 1),
     )
 
 
@@ -314,3 +336,76 @@ def test_failing_key_waits_and_requeue_sends_it_in_order(client, db_name, pubsub
     assert [m.attributes["outbox_event_id"] for m in got_k] == [str(i) for i in k_ids]
     assert side_sub.received[0].attributes["outbox_event_id"] == str(k_first)
     _report("failing key + requeue", held=2, requeued=1, delivered_in_order=len(got_k))
+
+
+def test_second_signal_exits_at_once_while_the_first_waits_for_the_batch(
+    client, db_name, pubsub, pubsub_emulator, mongodb_uri
+):
+    topic, sub = pubsub.topic()
+    relay = RelayProcess(relay_env(mongodb_uri, db_name, pubsub.project, topic))
+    try:
+        with outbox_transaction(client, database=db_name) as tx:
+            tx.emit("E", b"first")
+        sub.pull_until(1)
+        pubsub_emulator.pause()
+        try:
+            with outbox_transaction(client, database=db_name) as tx:
+                stuck = tx.emit("E", b"stuck")
+            wait_for(lambda: "SIGTERM" not in relay.output(), timeout=5)
+            time.sleep(1)  # let the relay pick the event up and block on the frozen broker
+            relay.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(subprocess.TimeoutExpired):
+                relay.proc.wait(timeout=2)  # the first signal waits for the batch in flight
+            relay.proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            code = relay.proc.wait(timeout=10)
+            exited_in = time.monotonic() - started
+        finally:
+            pubsub_emulator.resume()
+    finally:
+        relay.close()
+    assert code == 1
+    assert exited_in < 5
+    # Nothing is lost: the event is still pending for the next relay.
+    assert client[db_name].outbox.find_one({"_id": stuck})["status"] == "pending"
+    _report("double SIGTERM", exit_code=code, exited_after_second_s=round(exited_in, 2))
+
+
+def test_primary_step_down_under_a_running_relay(pubsub, outbox_database):
+    db_name = outbox_database
+    with MongoReplicaSet() as rs:
+        client: MongoClient[Any] = MongoClient(rs.uri, tz_aware=True)
+        ensure_indexes(client, db_name)
+        topic, sub = pubsub.topic()
+        relay = RelayProcess(relay_env(rs.uri, db_name, pubsub.project, topic))
+        writer = Writer(client, db_name, pause=0.01)
+        writer.start()
+        try:
+            wait_for(lambda: sub.pull_once(timeout=0.5), timeout=60)
+            with MongoClient(rs.direct_uri) as direct:
+                # A single node has no one to hand over to: force it, for 2 seconds.
+                direct.admin.command("replSetStepDown", 2, force=True)
+            stepped = time.monotonic()
+            wait_for(lambda: client.admin.command("hello").get("isWritablePrimary"), timeout=60)
+            primary_again = time.monotonic() - stepped
+            time.sleep(1)
+            writer.stop()
+            wait_for(lambda: _all_published(client, db_name), timeout=120)
+            committed = committed_ids(client, db_name)
+            sub.pull_until(len(committed), timeout=120)
+            sub.drain_quietly(quiet=1.5)
+            assert relay.alive(), relay.output()
+            assert relay.terminate() == 0
+        finally:
+            writer.stop()
+            relay.close()
+            client.close()
+    delivered, duplicates = check_delivery(committed, sub.received)
+    _report(
+        "primary step-down",
+        written=len(committed),
+        delivered=delivered,
+        duplicates=duplicates,
+        writer_errors=writer.errors,
+        primary_again_after_s=round(primary_again, 1),
+    )

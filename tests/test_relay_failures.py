@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 from bson import ObjectId
 from helpers import wait_for
@@ -73,3 +74,20 @@ def test_poison_documents_are_set_aside_and_the_relay_goes_on(client, db_name, r
     assert relay.thread.is_alive()
     relay.stop()
     assert relay.relay.stats.dead == len(poison)
+
+
+def test_stop_cuts_a_transient_backoff_short(client, db_name, relay_factory):
+    memory = InMemoryPublisher()
+    memory.fail_topic("flaky", transient=True)
+    relay = relay_factory(
+        db_name, publisher=memory, default_topic="flaky", transient_initial=20.0, transient_max=60.0
+    )
+    with outbox_transaction(client, database=db_name) as tx:
+        event_id = tx.emit("E", b"x", key="k")
+    wait_for(lambda: memory.calls >= 1)  # failed once: now in a backoff of at least 20 s
+    started = time.monotonic()
+    relay.stop()
+    assert time.monotonic() - started < 5, "a 20 s backoff must not delay the stop"
+    doc = client[db_name].outbox.find_one({"_id": event_id})
+    assert doc["status"] == "pending"
+    assert doc["attempts"] == 0, "transient failures do not count as attempts"

@@ -22,6 +22,8 @@ class InMemoryPublisher:
         self.messages: list[Message] = []
         self.fail_topics: dict[str, Callable[[], PublishError]] = {}
         self.closed = False
+        #: How many times :meth:`publish` was called.
+        self.calls = 0
         self._on_publish = on_publish
         self._lock = threading.Lock()
 
@@ -39,6 +41,7 @@ class InMemoryPublisher:
         results: list[PublishError | None] = []
         failed_keys: dict[tuple[str | None, str], PublishError] = {}
         with self._lock:
+            self.calls += 1
             for message in messages:
                 key = None
                 if message.ordering_key is not None:

@@ -31,7 +31,8 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_when_event_set,
-    wait_random_exponential,
+    wait_exponential,
+    wait_random,
 )
 
 from .._errors import (
@@ -441,9 +442,11 @@ class Relay:
         pending = sendable
         retrying = Retrying(
             retry=retry_if_exception_type(_Retry),
-            wait=wait_random_exponential(
+            # Exponential backoff plus jitter; the stop event cuts any wait short.
+            wait=wait_exponential(
                 multiplier=self.config.transient_initial, max=self.config.transient_max
-            ),
+            )
+            + wait_random(0, self.config.transient_initial),
             stop=stop_when_event_set(self._stop),
             sleep=self._sleep,
         )
