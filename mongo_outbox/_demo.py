@@ -6,6 +6,7 @@ import contextlib
 import os
 import threading
 import time
+import uuid
 from typing import Any
 
 from pymongo import MongoClient
@@ -40,13 +41,17 @@ def _print_message(message: Message) -> None:
 def run_demo() -> int:
     """Run the demo; return the exit code."""
     with contextlib.ExitStack() as stack:
-        _say("1. starting a throwaway single-node MongoDB replica set (real mongod)...")
-        try:
-            rs = stack.enter_context(MongoReplicaSet())
-        except ServiceUnavailable as exc:
-            _say(f"   cannot start mongod: {exc}")
-            return 2
-        _say(f"   replica set ready at {rs.uri}")
+        uri = os.environ.get("MONGODB_URI")
+        if uri:
+            _say("1. using the replica set in MONGODB_URI")
+        else:
+            _say("1. starting a throwaway single-node MongoDB replica set (real mongod)...")
+            try:
+                uri = stack.enter_context(MongoReplicaSet()).uri
+            except ServiceUnavailable as exc:
+                _say(f"   cannot start mongod: {exc}")
+                return 2
+            _say(f"   replica set ready at {uri}")
         emulator_host = os.environ.get("PUBSUB_EMULATOR_HOST")
         if not emulator_host and find_pubsub_emulator():
             _say("2. starting the Pub/Sub emulator of the Google Cloud CLI...")
@@ -59,8 +64,11 @@ def run_demo() -> int:
                 "2. no Pub/Sub emulator installed (Google Cloud CLI with pubsub-emulator): "
                 "publishing to an in-memory publisher that prints each message"
             )
-        client: MongoClient[Any] = stack.enter_context(MongoClient(rs.uri, tz_aware=True))
-        ensure_indexes(client, "shop")
+        client: MongoClient[Any] = stack.enter_context(MongoClient(uri, tz_aware=True))
+        # A database of its own, dropped at the end: MONGODB_URI may point at real data.
+        db = f"mongo_outbox_demo_{uuid.uuid4().hex[:8]}"
+        stack.callback(client.drop_database, db)
+        ensure_indexes(client, db)
         subscriber = None
         memory: InMemoryPublisher | None = None
         publisher: Publisher
@@ -80,7 +88,7 @@ def run_demo() -> int:
         stack.callback(publisher.close)
 
         _say("3. starting the relay (change stream + sweep) in the background")
-        relay = Relay(client, publisher, RelayConfig(database="shop", default_topic=TOPIC))
+        relay = Relay(client, publisher, RelayConfig(database=db, default_topic=TOPIC))
         stop = threading.Event()
         thread = threading.Thread(target=relay.run, args=(stop,), daemon=True)
         thread.start()
@@ -92,13 +100,13 @@ def run_demo() -> int:
         for n in range(1, ORDERS + 1):
             customer = f"customer-{n % 2}"
             order = {"_id": n, "customer": customer, "total": 10 * n}
-            with outbox_transaction(client, database="shop") as tx:
-                client.shop.orders.insert_one(order, session=tx.session)
+            with outbox_transaction(client, database=db) as tx:
+                client[db].orders.insert_one(order, session=tx.session)
                 tx.emit("OrderCreated", order, key=customer)
         _say("   and one transaction that fails: its order and event vanish together")
         try:
-            with outbox_transaction(client, database="shop") as tx:
-                client.shop.orders.insert_one({"_id": 99}, session=tx.session)
+            with outbox_transaction(client, database=db) as tx:
+                client[db].orders.insert_one({"_id": 99}, session=tx.session)
                 tx.emit("OrderCreated", {"id": 99}, key="customer-1")
                 raise RuntimeError("payment declined")
         except RuntimeError:
@@ -121,8 +129,8 @@ def run_demo() -> int:
             received = list(memory.messages)
         stop.set()
         thread.join()
-        counts = OutboxStore(client.shop).counts()
-        orders = client.shop.orders.count_documents({})
+        counts = OutboxStore(client[db]).counts()
+        orders = client[db].orders.count_documents({})
         _say(f"6. done: {orders} orders, outbox {counts}; relay published {relay.stats.published}")
         ok = len(received) == ORDERS and counts["pending"] == 0
         _say("   stopping everything" + ("" if ok else " (some events did not arrive!)"))

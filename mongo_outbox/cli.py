@@ -490,6 +490,9 @@ def _install_signal_handlers(stop: threading.Event) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
+    if args.log_level != "DEBUG":
+        # The demo narrates; the relay's own INFO lines would only interleave with it.
+        logging.getLogger("mongo_outbox").setLevel(logging.WARNING)
     return run_demo()
 
 

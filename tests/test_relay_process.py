@@ -91,3 +91,17 @@ def test_create_topics_flag(client, db_name, pubsub, mongodb_uri):
         t.name for t in pubsub.publisher_client.list_topics(project=f"projects/{pubsub.project}")
     ]
     assert f"projects/{pubsub.project}/topics/created-on-demand" in topics
+
+
+def test_demo_runs_the_whole_flow(pubsub_emulator_host, mongodb_uri):
+    env = dict(os.environ, MONGODB_URI=mongodb_uri, PUBSUB_EMULATOR_HOST=pubsub_emulator_host)
+    result = subprocess.run(
+        [sys.executable, "-m", "mongo_outbox.cli", "demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("received OrderCreated") == 6
+    assert "'pending': 0, 'published': 6" in result.stdout

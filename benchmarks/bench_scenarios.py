@@ -1,0 +1,427 @@
+"""The scenarios. Each runs one round on fresh databases and topics and returns its metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import naive_relay
+import psutil
+from bench_env import (
+    EVENT_TYPE,
+    PROJECT,
+    Bench,
+    RelayInThread,
+    check_arrival,
+    event_id_of,
+    key_of,
+    log,
+    payload_bytes,
+    payload_id_of,
+    payload_of,
+    pending_count,
+    percentile,
+    status_counts,
+    utcnow,
+    wait_until,
+    write_backlog,
+)
+from bson import ObjectId
+from pymongo import ASCENDING, MongoClient
+from pymongo.write_concern import WriteConcern
+
+from mongo_outbox import PubSubPublisher, Relay, RelayConfig, outbox_transaction
+
+Metrics = dict[str, float]
+MB = 1_000_000
+
+
+@dataclass(frozen=True)
+class Config:
+    n: int
+    rounds: int
+    memory_n: int
+    restart_n: int
+    latency_seconds: float
+    latency_rate: float
+    write_tx: int
+    write_block: int
+    verify: bool
+
+
+class BenchError(RuntimeError):
+    """A round could not be measured (lost events, a failed subprocess...)."""
+
+
+def _verify(bench: Bench, label: str, sub: Any, expected: int, ident: Callable[[Any], Any]) -> None:
+    started = time.monotonic()
+    arrival = check_arrival(sub.collect(expected), ident)
+    text = f"{label}: subscription {arrival.describe(expected)}"
+    log(f"  verified {text} (pulled in {time.monotonic() - started:.1f} s)")
+    bench.notes.append(f"verified {text}")
+    if arrival.distinct != expected or not arrival.order_ok:
+        raise BenchError(f"{label}: {arrival.describe(expected)}")
+
+
+def _check_published(bench: Bench, database: str, expected: int, label: str) -> None:
+    counts = status_counts(bench.mongo_client, database)
+    if counts["published"] != expected or counts["pending"] or counts["dead"]:
+        raise BenchError(f"{label}: outbox counts {counts}, expected {expected} published")
+
+
+def _mongo_outbox_exe() -> str:
+    beside = Path(sys.executable).parent / "mongo-outbox"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("mongo-outbox")
+    if found is None:
+        raise BenchError("the mongo-outbox console script is not installed")
+    return found
+
+
+def _relay(client: MongoClient[Any], database: str, topic: str) -> tuple[Relay, PubSubPublisher]:
+    publisher = PubSubPublisher(PROJECT)
+    return Relay(client, publisher, RelayConfig(database=database, default_topic=topic)), publisher
+
+
+# -- throughput ----------------------------------------------------------------------------
+
+
+def raw(bench: Bench, cfg: Config, rnd: int) -> Metrics:
+    """The stock high-level client publishing N messages over 16 keys: the ceiling."""
+    with bench.topic("raw") as (topic, sub):
+        publisher = naive_relay.make_publisher()
+        path = publisher.topic_path(PROJECT, topic)
+        data = [payload_bytes(i) for i in range(cfg.n)]
+        keys = [key_of(i) for i in range(cfg.n)]
+        try:
+            started = time.perf_counter()
+            futures = [publisher.publish(path, data[i], ordering_key=keys[i]) for i in range(cfg.n)]
+            for future in futures:
+                future.result(timeout=300)
+            elapsed = time.perf_counter() - started
+        finally:
+            publisher.stop()
+        if cfg.verify and rnd == 0:
+            _verify(bench, "raw", sub, cfg.n, payload_id_of)
+    return {"raw": cfg.n / elapsed}
+
+
+def naive(bench: Bench, cfg: Config, rnd: int) -> Metrics:
+    """The hand-rolled polling relay of naive_relay.py draining N pending events."""
+    client = bench.mongo_client
+    with bench.database("naive") as db, bench.topic("naive") as (topic, sub):
+        write_backlog(client, db, cfg.n)
+        publisher = naive_relay.make_publisher()
+        path = publisher.topic_path(PROJECT, topic)
+        try:
+            started = time.perf_counter()
+            count = naive_relay.drain(client[db].outbox, publisher, path)
+            elapsed = time.perf_counter() - started
+        finally:
+            publisher.stop()
+        if count != cfg.n:
+            raise BenchError(f"naive relay published {count} of {cfg.n}")
+        _check_published(bench, db, cfg.n, "naive")
+        if cfg.verify and rnd == 0:
+            _verify(bench, "naive", sub, cfg.n, event_id_of)
+    return {"naive": cfg.n / elapsed}
+
+
+def drain(bench: Bench, cfg: Config, rnd: int) -> Metrics:
+    """``Relay.run_once`` (in-process) draining N pending events."""
+    client = bench.mongo_client
+    with bench.database("drain") as db, bench.topic("drain") as (topic, sub):
+        write_backlog(client, db, cfg.n)
+        relay_client: MongoClient[Any] = MongoClient(bench.mongo.uri, tz_aware=True)
+        relay_client.admin.command("ping")
+        relay, publisher = _relay(relay_client, db, topic)
+        try:
+            started_wall = utcnow()
+            started = time.perf_counter()
+            published = relay.run_once()
+            elapsed = time.perf_counter() - started
+            ended_wall = utcnow()
+        finally:
+            publisher.close()
+            relay_client.close()
+        if published != cfg.n:
+            raise BenchError(f"Relay.run_once published {published} of {cfg.n}")
+        _check_published(bench, db, cfg.n, "drain")
+        last = client[db].outbox.find_one({}, {"published_at": 1}, sort=[("published_at", -1)])
+        if last is None:
+            raise BenchError("drain: no published_at")
+        tail = (ended_wall - last["published_at"]).total_seconds()
+        busy = (last["published_at"] - started_wall).total_seconds()
+        if cfg.verify and rnd == 0:
+            _verify(bench, "drain", sub, cfg.n, event_id_of)
+    return {"drain": cfg.n / elapsed, "drain_busy": cfg.n / busy, "drain_tail": tail}
+
+
+def _warm_relay(bench: Bench, db: str) -> None:
+    """Commit one event and wait until the running relay has published it."""
+    write_backlog(bench.mongo_client, db, 1, start=10**9)
+    wait_until(
+        lambda: status_counts(bench.mongo_client, db)["published"] == 1, timeout=60, interval=0.05
+    )
+
+
+def stream(bench: Bench, cfg: Config, rnd: int) -> Metrics:
+    """``Relay.run`` in a thread, caught up, while N events are committed 100 per transaction."""
+    client = bench.mongo_client
+    with bench.database("stream") as db, bench.topic("stream") as (topic, sub):
+        relay_client: MongoClient[Any] = MongoClient(bench.mongo.uri, tz_aware=True)
+        relay, publisher = _relay(relay_client, db, topic)
+        try:
+            with RelayInThread(relay.run):
+                _warm_relay(bench, db)
+                started = time.perf_counter()
+                write_backlog(client, db, cfg.n, per_tx=100)
+                written = time.perf_counter()
+                done = wait_until(lambda: pending_count(client, db) == 0, 600, 0.05)
+        finally:
+            publisher.close()
+            relay_client.close()
+        _check_published(bench, db, cfg.n + 1, "stream")
+        if cfg.verify and rnd == 0:
+            _verify(bench, "stream", sub, cfg.n + 1, event_id_of)
+    return {"stream": cfg.n / (done - started), "stream_writer": cfg.n / (written - started)}
+
+
+# -- latency -------------------------------------------------------------------------------
+
+
+def latency(bench: Bench, cfg: Config, rnd: int) -> Metrics:
+    """One event per transaction at a steady rate; commit-to-publish latency percentiles."""
+    client = bench.mongo_client
+    count = max(1, int(cfg.latency_rate * cfg.latency_seconds))
+    with bench.database("latency") as db, bench.topic("latency") as (topic, _sub):
+        relay_client: MongoClient[Any] = MongoClient(bench.mongo.uri, tz_aware=True)
+        relay, publisher = _relay(relay_client, db, topic)
+        ids: list[ObjectId] = []
+        try:
+            with RelayInThread(relay.run):
+                _warm_relay(bench, db)
+                interval = 1.0 / cfg.latency_rate
+                started = time.perf_counter()
+                for i in range(count):
+                    delay = started + i * interval - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                    with outbox_transaction(client, database=db) as tx:
+                        ids.append(tx.emit(EVENT_TYPE, payload_of(i), key=key_of(i)))
+                written = time.perf_counter() - started
+                wait_until(lambda: pending_count(client, db) == 0, 600, 0.05)
+        finally:
+            publisher.close()
+            relay_client.close()
+        lat = [
+            (doc["published_at"] - doc["created_at"]).total_seconds() * 1000
+            for doc in client[db].outbox.find(
+                {"_id": {"$in": ids}}, {"created_at": 1, "published_at": 1}
+            )
+        ]
+    if len(lat) != count:
+        raise BenchError(f"latency: {len(lat)} of {count} events published")
+    return {
+        "latency_p50": percentile(lat, 50),
+        "latency_p99": percentile(lat, 99),
+        "latency_max": max(lat),
+        "latency_rate": count / written,
+    }
+
+
+# -- write overhead ------------------------------------------------------------------------
+
+_MAJORITY = WriteConcern("majority")
+
+
+def write(bench: Bench, cfg: Config, rnd: int) -> Metrics:
+    """Per-transaction time: outbox_transaction vs plain transactions with one or two inserts."""
+    client = bench.mongo_client
+    with bench.database("write") as db:
+        database = client[db]
+        orders = database.create_collection("orders")
+        # The floor's second insert goes to a collection shaped like the outbox: same kind of
+        # document, same (status, _id) index, so the ratio isolates the library's own cost.
+        events = database.create_collection("events")
+        events.create_index([("status", ASCENDING), ("_id", ASCENDING)])
+        pad = "y" * 150
+
+        def order(i: int) -> dict[str, Any]:
+            return {"i": i, "customer": key_of(i), "pad": pad}
+
+        def event(i: int) -> dict[str, Any]:
+            return {
+                "_id": ObjectId(),
+                "type": EVENT_TYPE,
+                "topic": None,
+                "key": key_of(i),
+                "payload": payload_bytes(i),
+                "attributes": {},
+                "created_at": utcnow(),
+                "status": "pending",
+                "attempts": 0,
+            }
+
+        def with_outbox(i: int) -> None:
+            with outbox_transaction(client, database=db) as tx:
+                orders.insert_one(order(i), session=tx.session)
+                tx.emit(EVENT_TYPE, payload_of(i), key=key_of(i))
+
+        def plain_one(i: int) -> None:
+            with client.start_session() as session:
+                session.start_transaction(write_concern=_MAJORITY)
+                orders.insert_one(order(i), session=session)
+                session.commit_transaction()
+
+        def plain_two(i: int) -> None:
+            with client.start_session() as session:
+                session.start_transaction(write_concern=_MAJORITY)
+                orders.insert_one(order(i), session=session)
+                events.insert_one(event(i), session=session)
+                session.commit_transaction()
+
+        variants: list[tuple[str, Callable[[int], None]]] = [
+            ("outbox", with_outbox),
+            ("one", plain_one),
+            ("two", plain_two),
+        ]
+        times: dict[str, list[float]] = {name: [] for name, _ in variants}
+        i = 0
+        for _name, fn in variants:  # warm-up, not measured
+            for _ in range(min(50, cfg.write_block)):
+                fn(i)
+                i += 1
+        blocks = max(1, cfg.write_tx // cfg.write_block)
+        for b in range(blocks):
+            # Rotate the order so no variant always runs first (or last) in a block.
+            for name, fn in variants[b % 3 :] + variants[: b % 3]:
+                bucket = times[name]
+                for _ in range(cfg.write_block):
+                    t0 = time.perf_counter()
+                    fn(i)
+                    bucket.append(time.perf_counter() - t0)
+                    i += 1
+    med = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "write_outbox": 1 / med["outbox"],
+        "write_one": 1 / med["one"],
+        "write_two": 1 / med["two"],
+        "write_ratio": med["outbox"] / med["two"],
+    }
+
+
+# -- relay process: memory and restart -----------------------------------------------------
+
+
+def _vm_hwm(pid: int) -> int:
+    """Peak RSS (VmHWM) of ``pid`` in bytes, 0 if unreadable."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory(bench: Bench, cfg: Config, rnd: int) -> Metrics:
+    """Peak RSS of ``mongo-outbox relay --once`` draining a large backlog."""
+    client = bench.mongo_client
+    with bench.database("memory") as db, bench.topic("memory") as (topic, _sub):
+        log(f"  writing a backlog of {cfg.memory_n} events ...")
+        write_backlog(client, db, cfg.memory_n)
+        with tempfile.TemporaryFile() as errors:
+            started = time.perf_counter()
+            proc = bench.spawn(
+                [_mongo_outbox_exe(), "relay", "--once"],
+                bench.relay_env(db, topic),
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+            )
+            peak = 0
+            try:
+                ps = psutil.Process(proc.pid)
+                deadline = started + 1800
+                while proc.poll() is None:
+                    with contextlib.suppress(psutil.Error):
+                        rss = ps.memory_info().rss
+                        rss += sum(c.memory_info().rss for c in ps.children(recursive=True))
+                        peak = max(peak, rss, _vm_hwm(proc.pid))
+                    if time.perf_counter() > deadline:
+                        raise BenchError("relay --once did not finish within 30 minutes")
+                    time.sleep(0.05)
+                elapsed = time.perf_counter() - started
+            finally:
+                code = bench.stop_process(proc)
+            if code != 0:
+                errors.seek(0)
+                tail = errors.read().decode(errors="replace")[-2000:]
+                raise BenchError(f"relay --once exited with {code}:\n{tail}")
+        _check_published(bench, db, cfg.memory_n, "memory")
+    return {"memory_peak": peak / MB, "memory_rate": cfg.memory_n / elapsed}
+
+
+def restart(bench: Bench, cfg: Config, rnd: int) -> Metrics:
+    """Launch ``mongo-outbox relay`` on a backlog: time to the lease and to the first publish."""
+    client = bench.mongo_client
+    with bench.database("restart") as db, bench.topic("restart") as (topic, _sub):
+        log(f"  writing a backlog of {cfg.restart_n} events ...")
+        write_backlog(client, db, cfg.restart_n)
+        outbox = client[db].outbox
+        lease_at: list[float] = []
+        lines: list[str] = []
+        started = time.perf_counter()
+        proc = bench.spawn(
+            [_mongo_outbox_exe(), "relay"],
+            bench.relay_env(db, topic),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+        def read_log() -> None:
+            assert proc.stderr is not None
+            for raw_line in proc.stderr:
+                now = time.perf_counter()
+                line = raw_line.decode(errors="replace").rstrip()
+                lines.append(line)
+                if not lease_at and "acquired the lease" in line:
+                    lease_at.append(now)
+
+        reader = threading.Thread(target=read_log, name="bench-relay-log", daemon=True)
+        reader.start()
+        try:
+
+            def first_published() -> bool:
+                if proc.poll() is not None:
+                    raise BenchError(f"relay exited with {proc.returncode}: {lines[-10:]}")
+                return outbox.find_one({"status": "published"}, {"_id": 1}) is not None
+
+            first = wait_until(first_published, timeout=120, interval=0.01)
+        finally:
+            bench.stop_process(proc)
+            reader.join(timeout=10)
+        if not lease_at:
+            raise BenchError(f"no 'acquired the lease' line in the relay's log: {lines[-10:]}")
+    return {"restart_first": first - started, "restart_lease": lease_at[0] - started}
+
+
+SCENARIOS: dict[str, Callable[[Bench, Config, int], Metrics]] = {
+    "raw": raw,
+    "naive": naive,
+    "drain": drain,
+    "stream": stream,
+    "latency": latency,
+    "write": write,
+    "memory": memory,
+    "restart": restart,
+}
