@@ -91,3 +91,31 @@ def test_stop_cuts_a_transient_backoff_short(client, db_name, relay_factory):
     doc = client[db_name].outbox.find_one({"_id": event_id})
     assert doc["status"] == "pending"
     assert doc["attempts"] == 0, "transient failures do not count as attempts"
+
+
+def test_a_relay_that_loses_its_lease_stops_publishing(client, db_name, relay_factory):
+    memory = InMemoryPublisher()
+    relay = relay_factory(db_name, publisher=memory, default_topic="t", lease_ttl=1.0)
+    state = client[db_name].outbox_relay_state
+    wait_for(lambda: (state.find_one({"_id": "default"}) or {}).get("lease_owner"))
+    with outbox_transaction(client, database=db_name) as tx:
+        before = tx.emit("E", b"before")
+    wait_for(lambda: len(memory.messages) == 1)
+    # Another relay takes the lease over (as after a long pause of this one).
+    far = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+    state.update_one(
+        {"_id": "default"},
+        {"$set": {"lease_owner": "thief", "lease_expires_at": far}, "$inc": {"fence": 1}},
+    )
+    token_then = state.find_one({"_id": "default"})["resume_token"]
+    wait_for(lambda: not relay.relay.lease.held, timeout=5)
+    with outbox_transaction(client, database=db_name) as tx:
+        during = tx.emit("E", b"during")
+    time.sleep(2)  # the fault is the absence of publishing: give it time to (wrongly) happen
+    assert [m.event_id for m in memory.messages] == [before]
+    assert state.find_one({"_id": "default"})["resume_token"] == token_then
+    # The thief goes away: the relay takes the lease back and publishes what waited.
+    state.update_one({"_id": "default"}, {"$set": {"lease_owner": None}})
+    wait_for(lambda: len(memory.messages) == 2, timeout=15)
+    assert memory.messages[1].event_id == during
+    relay.stop()
