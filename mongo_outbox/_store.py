@@ -113,10 +113,18 @@ class OutboxStore:
             self.outbox.bulk_write(ops, ordered=False)
 
     def pending(self, batch_size: int, at: Timestamp | None = None) -> Iterator[dict[str, Any]]:
-        """Pending events in ``_id`` order, read at cluster time ``at`` when given.
+        """Pending events in ``_id`` order, read at cluster time ``at`` when given."""
+        for batch in self.pending_batches(batch_size, at):
+            yield from batch
 
-        A snapshot read at the time the change stream starts makes the sweep and the stream
-        meet without a gap or an order inversion; servers that cannot do it get a plain read.
+    def pending_batches(
+        self, batch_size: int, at: Timestamp | None = None
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Pending events in ``_id`` order, in lists of up to ``batch_size``.
+
+        Read at cluster time ``at`` when given: a snapshot read at the time the change stream
+        starts makes the sweep and the stream meet without a gap or an order inversion;
+        servers that cannot do it get a plain read.
         """
         query = {"status": STATUS_PENDING}
         if at is not None:
@@ -125,13 +133,20 @@ class OutboxStore:
                 return
             except _SnapshotUnavailable:
                 pass
-        yield from self.outbox.find(
+        batch: list[dict[str, Any]] = []
+        for doc in self.outbox.find(
             query, PUBLISH_PROJECTION, sort=[("_id", ASCENDING)], batch_size=batch_size
-        )
+        ):
+            batch.append(doc)
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
     def _snapshot_find(
         self, query: Mapping[str, Any], batch_size: int, at: Timestamp
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Iterator[list[dict[str, Any]]]:
         cmd = {
             "find": self.outbox.name,
             "filter": query,
@@ -141,27 +156,37 @@ class OutboxStore:
             "batchSize": batch_size,
             "readConcern": {"level": "snapshot", "atClusterTime": at},
         }
-        try:
-            reply = self.db.command(cmd)
-        except OperationFailure as exc:
-            if exc.code in _SNAPSHOT_UNUSABLE or exc.code == 2:  # BadValue: no index, etc.
-                raise _SnapshotUnavailable from exc
-            raise
-        cursor = reply["cursor"]
-        yield from cursor["firstBatch"]
-        cursor_id = cursor["id"]
-        try:
-            while cursor_id:
-                reply = self.db.command(
-                    {"getMore": cursor_id, "collection": self.outbox.name, "batchSize": batch_size}
-                )
-                cursor = reply["cursor"]
-                cursor_id = cursor["id"]
-                yield from cursor["nextBatch"]
-        finally:
-            if cursor_id:
-                with contextlib.suppress(Exception):
-                    self.db.command({"killCursors": self.outbox.name, "cursors": [cursor_id]})
+        # A cursor belongs to the session that opened it: every getMore must use the same one.
+        with self.db.client.start_session(causal_consistency=False) as session:
+            try:
+                reply = self.db.command(cmd, session=session)
+            except OperationFailure as exc:
+                if exc.code in _SNAPSHOT_UNUSABLE or exc.code == 2:  # BadValue: no index...
+                    raise _SnapshotUnavailable from exc
+                raise
+            cursor = reply["cursor"]
+            if cursor["firstBatch"]:
+                yield cursor["firstBatch"]
+            cursor_id = cursor["id"]
+            get_more = {
+                "getMore": cursor_id,
+                "collection": self.outbox.name,
+                "batchSize": batch_size,
+            }
+            try:
+                while cursor_id:
+                    reply = self.db.command(get_more, session=session)
+                    cursor = reply["cursor"]
+                    cursor_id = cursor["id"]
+                    if cursor["nextBatch"]:
+                        yield cursor["nextBatch"]
+            finally:
+                if cursor_id:
+                    with contextlib.suppress(Exception):
+                        self.db.command(
+                            {"killCursors": self.outbox.name, "cursors": [cursor_id]},
+                            session=session,
+                        )
 
     def dead_keys(self) -> list[tuple[str | None, str]]:
         """(topic, ordering key) pairs that have a dead event."""

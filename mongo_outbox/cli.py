@@ -191,8 +191,8 @@ def _build_parser() -> argparse.ArgumentParser:
     relay.add_argument(
         "--batch-size",
         type=_number(int, "--batch-size"),
-        default=_env("--batch-size") or "500",
-        help="events published and marked together (default 500)",
+        default=_env("--batch-size") or "1000",
+        help="events published and marked together (default 1000)",
     )
     relay.add_argument(
         "--max-attempts",

@@ -262,7 +262,7 @@ def test_defaults_without_environment():
     assert args.name == "default"
     assert args.create_topics is False
     assert args.once is False
-    assert args.batch_size == 500
+    assert args.batch_size == 1000
     assert args.connect_timeout == 10.0
 
 

@@ -15,13 +15,16 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
-from google.pubsub_v1 import PublisherClient, PubsubMessage
+from google.pubsub_v1 import PublisherClient, PublishRequest, PubsubMessage
 
 from .._errors import ConfigurationError, PermanentPublishError, PublishError, TransientPublishError
 from .._event import Message
 
 __all__ = ["PubSubPublisher"]
 
+# Plain protobuf classes: building messages through proto-plus wrappers costs ~4x more.
+_PB_MESSAGE: Any = PubsubMessage.pb()
+_PB_REQUEST: Any = PublishRequest.pb()
 _MAX_REQUEST_MESSAGES = 1000
 # The Publish request limit is 10 MB; leave room for the per-message framing.
 _MAX_REQUEST_BYTES = 9_000_000
@@ -150,14 +153,17 @@ class PubSubPublisher:
                     failed_keys.setdefault(key, sent)
 
     def _send(self, path: str, batch: list[Message]) -> PublishError | None:
-        request = [
-            PubsubMessage(
-                data=m.data, attributes=dict(m.attributes), ordering_key=m.ordering_key or ""
-            )
-            for m in batch
-        ]
+        request = _PB_REQUEST(
+            topic=path,
+            messages=[
+                _PB_MESSAGE(data=m.data, attributes=m.attributes, ordering_key=m.ordering_key or "")
+                for m in batch
+            ],
+        )
         try:
-            self._client.publish(topic=path, messages=request, retry=None, timeout=self._timeout)
+            self._client.publish(
+                request=PublishRequest.wrap(request), retry=None, timeout=self._timeout
+            )
         except Exception as exc:
             return map_google_error(exc, path)
         return None

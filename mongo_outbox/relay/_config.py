@@ -21,7 +21,7 @@ class RelayConfig:
     name: str = "default"
     default_topic: str | None = None
     #: Most events published and marked together.
-    batch_size: int = 500
+    batch_size: int = 1000
     #: Longest a change stream getMore waits for new events (also how often the idle
     #: resume token advances).
     max_await_seconds: float = 1.0

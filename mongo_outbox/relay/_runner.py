@@ -47,6 +47,7 @@ from ..publishers import Publisher
 from ._config import RelayConfig
 from ._lease import Lease, new_owner_id
 from ._ordering import SweepFilter, classify, message_slot, slot_of
+from ._pipelining import Marker, prefetch
 from ._tailer import Change, Idle, StreamFailed, Tailer
 
 __all__ = ["Relay", "RelayStats"]
@@ -104,6 +105,7 @@ class Relay:
             self.store.state, config.name, config.owner or new_owner_id(), config.lease_ttl
         )
         self._fence: int | None = None
+        self._marker = Marker(self.store)
 
     def _slot(self, doc: Mapping[str, Any]) -> str | None:
         return slot_of(doc, self.config.default_topic)
@@ -232,10 +234,11 @@ class Relay:
             self._token = self.store.load_state(self.config.name).get("resume_token")
             self._saved_token = self._token
             self._token_loaded = True
-        stream = self._open_stream()
+        stream = self._open_stream(once=once)
         opened_at = stream.resume_token
         tailer = Tailer(stream, self.config.queue_size)
         tailer.start()
+        self._marker = Marker(self.store)
         try:
             at = self._cluster_time()
             self._covered_until = at
@@ -252,16 +255,24 @@ class Relay:
                 if once and idle is not None and idle > started:
                     break
                 if time.monotonic() >= next_sweep:
+                    # Marks still in flight would make published events look pending.
+                    self._marker.flush()
                     self._sweep(grace=self.config.sweep_grace, at=self._cluster_time())
                     next_sweep = time.monotonic() + self.config.sweep_interval
+            self._marker.flush()
         finally:
             tailer.stop()
+            self._marker.close()
         self._checkpoint(force=True)
 
-    def _open_stream(self) -> Any:
+    def _open_stream(self, *, once: bool = False) -> Any:
         pipeline = [{"$match": {"operationType": "insert"}}]
+        # --once stops at the first empty getMore: no reason to wait long for it.
+        await_seconds = (
+            min(self.config.max_await_seconds, 0.1) if once else (self.config.max_await_seconds)
+        )
         options: dict[str, Any] = {
-            "max_await_time_ms": int(self.config.max_await_seconds * 1000),
+            "max_await_time_ms": int(await_seconds * 1000),
             "batch_size": self.config.batch_size,
         }
         if self._token is not None:
@@ -368,14 +379,16 @@ class Relay:
         self._blocked = set()
         swept: set[ObjectId] = set()
         batch: list[dict[str, Any]] = []
-        for doc in self.store.pending(self.config.batch_size, at=at):
+        size = self.config.batch_size
+        for docs in prefetch(self.store.pending_batches(size, at=at), depth=2):
             if self._stop.is_set():
                 break
-            if filt.admit(doc):
-                batch.append(doc)
-            if len(batch) >= self.config.batch_size:
-                swept.update(self._publish(batch, held=filt.held))
-                batch = []
+            for doc in docs:
+                if filt.admit(doc):
+                    batch.append(doc)
+                if len(batch) >= size:
+                    swept.update(self._publish(batch, held=filt.held))
+                    batch = []
         if batch and not self._stop.is_set():
             swept.update(self._publish(batch, held=filt.held))
         self._blocked |= filt.waiting
@@ -429,7 +442,7 @@ class Relay:
                 )
             sendable.append((doc, message))
         if poison:
-            self.store.record_failures(poison)
+            self._marker.submit([], utcnow(), poison)
             self.stats.dead += len(poison)
         if sendable:
             handled.update(self._publish_with_retry(sendable, held))
@@ -466,8 +479,7 @@ class Relay:
                         hold_dead=self.config.dead_key_policy == "hold",
                         slot=message_slot,
                     )
-                    self.store.mark_published(outcome.published, now)
-                    self.store.record_failures(outcome.failures)
+                    self._marker.submit(outcome.published, now, outcome.failures)
                     handled.extend(outcome.published)
                     handled.extend(
                         f.event_id for f in outcome.failures if f.next_attempt_at is None
