@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -82,6 +83,14 @@ def write_backlog(
             for j in range(i, stop):
                 tx.emit(EVENT_TYPE, payload_of(j), key=key_of(j))
         i = stop
+
+
+def write_indexes(client: MongoClient[Any], database: str, indexes: list[int], per_tx: int) -> None:
+    """Commit the events numbered ``indexes`` (in that order), ``per_tx`` per transaction."""
+    for at in range(0, len(indexes), per_tx):
+        with outbox_transaction(client, database=database) as tx:
+            for j in indexes[at : at + per_tx]:
+                tx.emit(EVENT_TYPE, payload_of(j), key=key_of(j))
 
 
 def pending_count(client: MongoClient[Any], database: str) -> int:
@@ -322,13 +331,35 @@ class Bench:
             ("pymongo", version("pymongo")),
             ("google-cloud-pubsub", version("google-cloud-pubsub")),
             ("grpcio", version("grpcio")),
-            ("mongo-outbox", version("mongo-outbox")),
+            ("mongo-outbox", f"{version('mongo-outbox')} ({_git_revision()})"),
             ("mongod", str(build.get("version", "?"))),
         ]
 
 
+def _git_revision() -> str:
+    """The project's commit, and whether mongo_outbox/ differs from it (read-only git calls)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    try:
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", root, "diff", "--quiet", "HEAD", "--", "mongo_outbox"],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        ).returncode
+    except (OSError, subprocess.SubprocessError):
+        return "git ?"
+    return f"git {head}" + (" + uncommitted mongo_outbox/ changes" if changed else "")
+
+
 class RelayInThread:
-    """``Relay.run`` in a daemon thread, stopped (and joined) by ``stop``."""
+    """``Relay.run`` in a daemon thread for the span of a ``with`` block (then stopped, joined)."""
 
     def __init__(self, run: Callable[[threading.Event], None]) -> None:
         self._run = run
@@ -346,22 +377,41 @@ class RelayInThread:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop_event.set()
-        self.thread.join(timeout=60)
+        # The relay must be gone before its client is closed, even if Ctrl-C lands here.
+        interrupted: KeyboardInterrupt | None = None
+        deadline = time.monotonic() + 60
+        while self.thread.is_alive() and time.monotonic() < deadline:
+            try:
+                self.thread.join(timeout=0.5)
+            except KeyboardInterrupt as interrupt:
+                interrupted = interrupt
+        if interrupted is not None:
+            raise interrupted
         if self.thread.is_alive():
             log("warning: the relay thread did not stop within 60 s")
-        if self.error is not None and exc[0] is None:
+        if self.error is not None and exc_info[0] is None:
             raise RuntimeError(f"relay thread failed: {self.error!r}") from self.error
 
 
-def install_sigterm_as_interrupt() -> None:
-    """Turn SIGTERM into KeyboardInterrupt so cleanup runs for both."""
+def install_interrupt_handlers() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt, so cleanup runs for both.
+
+    SIGINT is set explicitly because a shell may start background jobs with it ignored.
+    """
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
+    signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+def ignore_interrupts() -> None:
+    """While stopping services: a second Ctrl-C must not leave processes behind."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, interval: float) -> float:

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import naive_relay
 import psutil
 from bench_env import (
     EVENT_TYPE,
+    KEYS,
     PROJECT,
     Bench,
     RelayInThread,
@@ -35,6 +36,7 @@ from bench_env import (
     utcnow,
     wait_until,
     write_backlog,
+    write_indexes,
 )
 from bson import ObjectId
 from pymongo import ASCENDING, MongoClient
@@ -54,6 +56,9 @@ class Config:
     restart_n: int
     latency_seconds: float
     latency_rate: float
+    latency_relay: str  # "thread" or "process"
+    stream_relay: str  # "thread" or "process"
+    stream_writers: int
     write_tx: int
     write_block: int
     verify: bool
@@ -177,21 +182,28 @@ def _warm_relay(bench: Bench, db: str) -> None:
 
 
 def stream(bench: Bench, cfg: Config, rnd: int) -> Metrics:
-    """``Relay.run`` in a thread, caught up, while N events are committed 100 per transaction."""
+    """A caught-up relay while N events are committed 100 per transaction.
+
+    Each writer thread owns a share of the keys, so per-key order is still one writer's order.
+    """
     client = bench.mongo_client
     with bench.database("stream") as db, bench.topic("stream") as (topic, sub):
-        relay_client: MongoClient[Any] = MongoClient(bench.mongo.uri, tz_aware=True)
-        relay, publisher = _relay(relay_client, db, topic)
-        try:
-            with RelayInThread(relay.run):
-                _warm_relay(bench, db)
-                started = time.perf_counter()
-                write_backlog(client, db, cfg.n, per_tx=100)
-                written = time.perf_counter()
-                done = wait_until(lambda: pending_count(client, db) == 0, 600, 0.05)
-        finally:
-            publisher.close()
-            relay_client.close()
+        with _relay_running(bench, cfg, db, topic, mode=cfg.stream_relay):
+            shares = [
+                [j for j in range(cfg.n) if (j % KEYS) % cfg.stream_writers == w]
+                for w in range(cfg.stream_writers)
+            ]
+            writers = [
+                threading.Thread(target=write_indexes, args=(client, db, share, 100))
+                for share in shares
+            ]
+            started = time.perf_counter()
+            for w in writers:
+                w.start()
+            for w in writers:
+                w.join()
+            written = time.perf_counter()
+            done = wait_until(lambda: pending_count(client, db) == 0, 600, 0.05)
         _check_published(bench, db, cfg.n + 1, "stream")
         if cfg.verify and rnd == 0:
             _verify(bench, "stream", sub, cfg.n + 1, event_id_of)
@@ -201,30 +213,52 @@ def stream(bench: Bench, cfg: Config, rnd: int) -> Metrics:
 # -- latency -------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _relay_running(
+    bench: Bench, cfg: Config, db: str, topic: str, mode: str | None = None
+) -> Iterator[None]:
+    """A caught-up relay: ``Relay.run`` in a thread, or ``mongo-outbox relay`` as a process."""
+    if (mode or cfg.latency_relay) == "process":
+        proc = bench.spawn(
+            [_mongo_outbox_exe(), "relay"],
+            bench.relay_env(db, topic),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _warm_relay(bench, db)
+            yield
+        finally:
+            bench.stop_process(proc)
+        return
+    relay_client: MongoClient[Any] = MongoClient(bench.mongo.uri, tz_aware=True)
+    relay, publisher = _relay(relay_client, db, topic)
+    try:
+        with RelayInThread(relay.run):
+            _warm_relay(bench, db)
+            yield
+    finally:
+        publisher.close()
+        relay_client.close()
+
+
 def latency(bench: Bench, cfg: Config, rnd: int) -> Metrics:
     """One event per transaction at a steady rate; commit-to-publish latency percentiles."""
     client = bench.mongo_client
     count = max(1, int(cfg.latency_rate * cfg.latency_seconds))
     with bench.database("latency") as db, bench.topic("latency") as (topic, _sub):
-        relay_client: MongoClient[Any] = MongoClient(bench.mongo.uri, tz_aware=True)
-        relay, publisher = _relay(relay_client, db, topic)
         ids: list[ObjectId] = []
-        try:
-            with RelayInThread(relay.run):
-                _warm_relay(bench, db)
-                interval = 1.0 / cfg.latency_rate
-                started = time.perf_counter()
-                for i in range(count):
-                    delay = started + i * interval - time.perf_counter()
-                    if delay > 0:
-                        time.sleep(delay)
-                    with outbox_transaction(client, database=db) as tx:
-                        ids.append(tx.emit(EVENT_TYPE, payload_of(i), key=key_of(i)))
-                written = time.perf_counter() - started
-                wait_until(lambda: pending_count(client, db) == 0, 600, 0.05)
-        finally:
-            publisher.close()
-            relay_client.close()
+        with _relay_running(bench, cfg, db, topic):
+            interval = 1.0 / cfg.latency_rate
+            started = time.perf_counter()
+            for i in range(count):
+                delay = started + i * interval - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                with outbox_transaction(client, database=db) as tx:
+                    ids.append(tx.emit(EVENT_TYPE, payload_of(i), key=key_of(i)))
+            written = time.perf_counter() - started
+            wait_until(lambda: pending_count(client, db) == 0, 600, 0.05)
         lat = [
             (doc["published_at"] - doc["created_at"]).total_seconds() * 1000
             for doc in client[db].outbox.find(

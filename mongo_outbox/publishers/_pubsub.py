@@ -175,14 +175,18 @@ class PubSubPublisher:
             transport.close()
 
 
+def _measure(m: Message) -> int:
+    size = len(m.data) + len((m.ordering_key or "").encode())
+    return size + sum(len(k.encode()) + len(v.encode()) for k, v in m.attributes.items())
+
+
 def _chunks(messages: Sequence[Message], indexes: list[int]) -> list[list[int]]:
     chunks: list[list[int]] = []
     current: list[int] = []
     size = 0
     for i in indexes:
         m = messages[i]
-        msg_size = len(m.data) + len((m.ordering_key or "").encode()) + 64
-        msg_size += sum(len(k.encode()) + len(v.encode()) + 8 for k, v in m.attributes.items())
+        msg_size = (m.size or _measure(m)) + 8 * len(m.attributes) + 64  # + protobuf framing
         if current and (
             len(current) >= _MAX_REQUEST_MESSAGES or size + msg_size > _MAX_REQUEST_BYTES
         ):
