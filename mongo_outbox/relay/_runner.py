@@ -42,7 +42,7 @@ from .._errors import (
     TransientPublishError,
 )
 from .._event import Message, attempts_of, message_from_document, utcnow
-from .._store import Failure, OutboxStore
+from .._store import PUBLISH_PROJECTION, Failure, OutboxStore
 from ..publishers import Publisher
 from ._config import RelayConfig
 from ._lease import Lease, new_owner_id
@@ -65,6 +65,13 @@ class RelayStats:
     skipped_duplicates: int = 0
     recoveries: int = 0
     restarts: int = 0
+
+
+_CHANGE_PROJECTION: dict[str, int] = {
+    "_id": 1,
+    "clusterTime": 1,
+    **{f"fullDocument.{field}": 1 for field in ("_id", *PUBLISH_PROJECTION)},
+}
 
 
 class _StreamError(Exception):
@@ -266,7 +273,11 @@ class Relay:
         self._checkpoint(force=True)
 
     def _open_stream(self, *, once: bool = False) -> Any:
-        pipeline = [{"$match": {"operationType": "insert"}}]
+        pipeline: list[dict[str, Any]] = [
+            {"$match": {"operationType": "insert"}},
+            # Only what publishing needs: decoding change events is the tailer's main cost.
+            {"$project": _CHANGE_PROJECTION},
+        ]
         # --once stops at the first empty getMore: no reason to wait long for it.
         await_seconds = (
             min(self.config.max_await_seconds, 0.1) if once else (self.config.max_await_seconds)
