@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from bson import ObjectId, Timestamp
-from pymongo import ASCENDING, MongoClient, UpdateOne
+from pymongo import ASCENDING, MongoClient, ReadPreference, UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import CollectionInvalid, OperationFailure
+from pymongo.read_concern import ReadConcern
 
 from ._event import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED
 from ._event import utcnow as _utcnow
@@ -31,8 +32,9 @@ PUBLISH_PROJECTION = {
     "attempts": 1,
     "next_attempt_at": 1,
 }
-# Codes that say a snapshot read is not possible here (too old, unsupported).
-_SNAPSHOT_UNUSABLE = {246, 72, 14, 9, 263}  # SnapshotTooOld, InvalidOptions, TypeMismatch...
+# Codes that say a snapshot read is not possible here: SnapshotUnavailable, SnapshotTooOld,
+# InvalidOptions, TypeMismatch, FailedToParse, OperationNotSupportedInTransaction.
+_SNAPSHOT_UNUSABLE = {246, 239, 72, 14, 9, 263}
 
 
 def state_collection_name(collection: str) -> str:
@@ -133,16 +135,29 @@ class OutboxStore:
                 return
             except _SnapshotUnavailable:
                 pass
-        batch: list[dict[str, Any]] = []
-        for doc in self.outbox.find(
-            query, PUBLISH_PROJECTION, sort=[("_id", ASCENDING)], batch_size=batch_size
-        ):
-            batch.append(doc)
-            if len(batch) >= batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        if at is None:
+            yield from _batches(
+                self.outbox.find(
+                    query, PUBLISH_PROJECTION, sort=[("_id", ASCENDING)], batch_size=batch_size
+                ),
+                batch_size,
+            )
+            return
+        # Without snapshot reads (servers before 5.0): a majority read from the primary that
+        # waits for ``at``, so nothing committed at or before ``at`` is missed.
+        outbox = self.outbox.with_options(
+            read_concern=ReadConcern("majority"), read_preference=ReadPreference.PRIMARY
+        )
+        with self.db.client.start_session(causal_consistency=True) as session:
+            session.advance_operation_time(at)
+            cursor = outbox.find(
+                query,
+                PUBLISH_PROJECTION,
+                sort=[("_id", ASCENDING)],
+                batch_size=batch_size,
+                session=session,
+            )
+            yield from _batches(cursor, batch_size)
 
     def _snapshot_find(
         self, query: Mapping[str, Any], batch_size: int, at: Timestamp
@@ -287,6 +302,17 @@ class OutboxStore:
         """Forget the resume token so the next start runs the gap-free recovery."""
         result = self.state.update_one({"_id": name}, {"$unset": {"resume_token": ""}})
         return bool(result.modified_count)
+
+
+def _batches(docs: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 class _SnapshotUnavailable(Exception):

@@ -17,7 +17,7 @@ from pymongo import AsyncMongoClient, MongoClient
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 from pymongo.write_concern import WriteConcern
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, OutboxError
 from ._event import build_document
 
 __all__ = [
@@ -136,6 +136,17 @@ class _TransactionBase:
     def _collection(self) -> Any:
         return self._client[self._database][self._collection_name]
 
+    def _take_for_write(self) -> list[dict[str, Any]]:
+        """The buffered documents, provided the transaction is still open to take them."""
+        docs = self._events.take()
+        if docs and not self._session.in_transaction:
+            # Written now they would commit on their own, without the domain writes.
+            raise OutboxError(
+                f"the transaction was ended inside the block, so its {len(docs)} event(s) were "
+                "not written: leave commit and abort to the outbox transaction"
+            )
+        return docs
+
 
 class OutboxTransaction(_TransactionBase):
     """A transaction on a :class:`pymongo.MongoClient` that can emit outbox events."""
@@ -152,16 +163,20 @@ class OutboxTransaction(_TransactionBase):
         super().__init__(client, database, collection)
         self._write_concern = write_concern or _DEFAULT_WRITE_CONCERN
         self._session = session
-        self._owns_session = session is None
 
     def _flush(self) -> None:
-        docs = self._events.take()
+        docs = self._take_for_write()
         if docs:
             self._collection().insert_many(docs, ordered=True, session=self._session)
 
     def __enter__(self) -> OutboxTransaction:
         self._session = self._client.start_session()
-        self._session.start_transaction(write_concern=self._write_concern)
+        try:
+            self._session.start_transaction(write_concern=self._write_concern)
+        except BaseException:
+            self._session.end_session()
+            self._session = None
+            raise
         return self
 
     def __exit__(
@@ -173,13 +188,17 @@ class OutboxTransaction(_TransactionBase):
         session = self._session
         try:
             if exc_type is not None:
-                session.abort_transaction()
+                if session.in_transaction:
+                    session.abort_transaction()
                 return
             try:
                 self._flush()
             except BaseException:
-                session.abort_transaction()
+                if session.in_transaction:
+                    session.abort_transaction()
                 raise
+            if not session.in_transaction:
+                return  # ended inside the block, with no events: nothing left to commit
             started = time.monotonic()
             while True:
                 try:
@@ -216,14 +235,19 @@ class AsyncOutboxTransaction(_TransactionBase):
         self._session = session
 
     async def _flush(self) -> None:
-        docs = self._events.take()
+        docs = self._take_for_write()
         if docs:
             await self._collection().insert_many(docs, ordered=True, session=self._session)
 
     async def __aenter__(self) -> AsyncOutboxTransaction:
         # PyMongo's start_session is plain and start_transaction a coroutine; Motor the reverse.
         self._session = await _maybe_await(self._client.start_session())
-        await _maybe_await(self._session.start_transaction(write_concern=self._write_concern))
+        try:
+            await _maybe_await(self._session.start_transaction(write_concern=self._write_concern))
+        except BaseException:
+            await _maybe_await(self._session.end_session())
+            self._session = None
+            raise
         return self
 
     async def __aexit__(
@@ -235,13 +259,17 @@ class AsyncOutboxTransaction(_TransactionBase):
         session = self._session
         try:
             if exc_type is not None:
-                await session.abort_transaction()
+                if session.in_transaction:
+                    await session.abort_transaction()
                 return
             try:
                 await self._flush()
             except BaseException:
-                await session.abort_transaction()
+                if session.in_transaction:
+                    await session.abort_transaction()
                 raise
+            if not session.in_transaction:
+                return  # ended inside the block, with no events: nothing left to commit
             started = time.monotonic()
             while True:
                 try:

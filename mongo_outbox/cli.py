@@ -290,6 +290,8 @@ def _connect(args: argparse.Namespace, *, need_database: bool = True) -> MongoCl
             uri,
             serverSelectionTimeoutMS=int(args.connect_timeout * 1000),
             appname="mongo-outbox",
+            # A half-open connection must not hang the relay (getMores wait 1 s at most).
+            socketTimeoutMS=60_000,
             tz_aware=True,
         )
     except (MongoConfigurationError, ValueError, TypeError) as exc:
@@ -476,12 +478,16 @@ def _cmd_relay(args: argparse.Namespace) -> int:
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:
+    received: list[int] = []
+
     def handler(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():
+        received.append(signum)
+        if len(received) > 1:
             # Second signal: leave now; at-least-once delivery tolerates the lost batch.
             os._exit(EXIT_UNEXPECTED)
         log.info("%s received: finishing the batch, then exiting", signal.Signals(signum).name)
-        stop.set()
+        # Not stop.set() here: the main thread may hold the event's lock at this very moment.
+        threading.Thread(target=stop.set, name="outbox-stop").start()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)

@@ -203,3 +203,21 @@ def test_missing_topic_fails_the_event_not_the_relay(client, db_name, pubsub, re
     assert doc["attempts"] == 2
     assert "does not exist" in doc["last_error"]
     assert relay.thread.is_alive()
+
+
+def test_servers_without_snapshot_reads_get_a_majority_read(
+    client, db_name, pubsub, relay_factory, monkeypatch
+):
+    from mongo_outbox import _store
+
+    def unavailable(self, *args):
+        raise _store._SnapshotUnavailable
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(_store.OutboxStore, "_snapshot_find", unavailable)
+    topic, sub = pubsub.topic()
+    written = _write_events(client, db_name, keys=4, count=120, per_tx=7)
+    relay = relay_factory(db_name, default_topic=topic)
+    more = _write_events(client, db_name, keys=4, count=160, start=120)
+    _assert_delivered(written + more, sub.pull_until(160))
+    relay.stop()

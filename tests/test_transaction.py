@@ -199,3 +199,26 @@ def test_motor_client(mongodb_uri, db_name):
             client.close()
 
     asyncio.run(main())
+
+
+def test_ending_the_transaction_inside_the_block_does_not_write_events_alone(client, db_name):
+    from mongo_outbox import OutboxError
+
+    with pytest.raises(OutboxError, match="ended inside the block"):
+        with outbox_transaction(client, database=db_name) as tx:
+            client[db_name].orders.insert_one({"_id": 1}, session=tx.session)
+            tx.emit("OrderCreated", {"id": 1})
+            tx.session.abort_transaction()
+    assert client[db_name].outbox.count_documents({}) == 0
+    assert client[db_name].orders.count_documents({}) == 0
+
+    def aborts(tx: OutboxTransaction) -> None:
+        tx.emit("OrderCreated", {"id": 2})
+        tx.session.abort_transaction()
+
+    with pytest.raises(OutboxError, match="ended inside the block"):
+        run_in_outbox_transaction(client, aborts, database=db_name)
+    assert client[db_name].outbox.count_documents({}) == 0
+    # Ended inside the block without events: nothing to commit, no error.
+    with outbox_transaction(client, database=db_name) as tx:
+        tx.session.abort_transaction()

@@ -78,7 +78,7 @@ class PubSubPublisher:
         project: str,
         *,
         create_topics: bool = False,
-        timeout: float = 30.0,
+        timeout: float = 10.0,
         client: PublisherClient | None = None,
     ) -> None:
         if not project:
@@ -125,6 +125,9 @@ class PubSubPublisher:
         if self._create_topics and path not in self._known_topics:
             try:
                 self.ensure_topic(path)
+            except gexc.PermissionDenied:
+                # Allowed to publish but not to create: the topic may well exist; try it.
+                self._known_topics.add(path)
             except gexc.GoogleAPICallError as exc:
                 error = map_google_error(exc, path)
                 for i in indexes:

@@ -403,10 +403,11 @@ class Relay:
         if batch and not self._stop.is_set():
             swept.update(self._publish(batch, held=filt.held))
         self._blocked |= filt.waiting
-        if grace is not None:
-            self._swept = swept
-            self._swept_at = at
-            self._swept_done = time.monotonic()
+        # Accumulated, not replaced: a lagging stream may not have reached earlier sweeps' ids.
+        # The set is cleared once the stream passes ``at`` (every id in it is at or before).
+        self._swept |= swept
+        self._swept_at = at
+        self._swept_done = time.monotonic()
 
     # -- publishing ----------------------------------------------------------------------
 
