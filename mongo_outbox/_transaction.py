@@ -166,7 +166,9 @@ class OutboxTransaction(_TransactionBase):
 
     def _flush(self) -> None:
         docs = self._take_for_write()
-        if docs:
+        if len(docs) == 1:  # the common case; insert_one skips the bulk-write machinery
+            self._collection().insert_one(docs[0], session=self._session)
+        elif docs:
             self._collection().insert_many(docs, ordered=True, session=self._session)
 
     def __enter__(self) -> OutboxTransaction:
@@ -236,7 +238,9 @@ class AsyncOutboxTransaction(_TransactionBase):
 
     async def _flush(self) -> None:
         docs = self._take_for_write()
-        if docs:
+        if len(docs) == 1:
+            await self._collection().insert_one(docs[0], session=self._session)
+        elif docs:
             await self._collection().insert_many(docs, ordered=True, session=self._session)
 
     async def __aenter__(self) -> AsyncOutboxTransaction:
