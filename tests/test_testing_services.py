@@ -28,6 +28,8 @@ from mongo_outbox.testing.plugin import REQUIRE_SERVICES_ENV, require_services, 
 
 # -- skip vs fail -------------------------------------------------------------------------
 
+pytest_plugins = ["pytester"]
+
 
 def test_unavailable_skips_by_default(monkeypatch):
     monkeypatch.delenv(REQUIRE_SERVICES_ENV, raising=False)
@@ -128,20 +130,28 @@ def test_aborted_transaction_leaves_nothing(mongo_client, outbox_database):
     assert db.a.count_documents({}) == 0
 
 
-_used_databases: list[str] = []
+def test_outbox_database_is_unique_and_dropped_after_the_test(
+    pytester, mongodb_uri, mongo_client, monkeypatch
+):
+    name_file = pytester.path / "name.txt"
+    monkeypatch.setenv("MONGODB_URI", mongodb_uri)
+    monkeypatch.setenv("DB_NAME_FILE", str(name_file))
+    pytester.makepyfile(
+        """
+        import os
 
-
-def test_outbox_database_is_unique_name(mongo_client, outbox_database):
-    assert outbox_database.startswith("test_")
-    mongo_client[outbox_database].c.insert_one({"x": 1})
-    assert outbox_database in mongo_client.list_database_names()
-    _used_databases.append(outbox_database)
-
-
-def test_outbox_database_was_dropped(mongo_client):
-    if not _used_databases:
-        pytest.skip("runs after test_outbox_database_is_unique_name")
-    assert _used_databases[0] not in mongo_client.list_database_names()
+        def test_uses_it(mongo_client, outbox_database):
+            mongo_client[outbox_database].c.insert_one({"x": 1})
+            assert outbox_database in mongo_client.list_database_names()
+            with open(os.environ["DB_NAME_FILE"], "w") as f:
+                f.write(outbox_database)
+        """
+    )
+    result = pytester.runpytest_subprocess()  # the plugin loads through its entry point
+    result.assert_outcomes(passed=1)
+    name = name_file.read_text()
+    assert name.startswith("test_")
+    assert name not in mongo_client.list_database_names()
 
 
 def test_kill_and_restart_keep_data(mongo_replica_set, mongo_client, outbox_database):
