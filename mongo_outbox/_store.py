@@ -114,11 +114,6 @@ class OutboxStore:
         if ops:
             self.outbox.bulk_write(ops, ordered=False)
 
-    def pending(self, batch_size: int, at: Timestamp | None = None) -> Iterator[dict[str, Any]]:
-        """Pending events in ``_id`` order, read at cluster time ``at`` when given."""
-        for batch in self.pending_batches(batch_size, at):
-            yield from batch
-
     def pending_batches(
         self, batch_size: int, at: Timestamp | None = None
     ) -> Iterator[list[dict[str, Any]]]:

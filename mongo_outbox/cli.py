@@ -48,8 +48,12 @@ class _Exit(Exception):
         self.code = code
 
 
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
 def _env(flag: str) -> str | None:
-    return os.environ.get(ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper())
+    return os.environ.get(_env_name(flag))
 
 
 def _env_bool(flag: str) -> bool:
@@ -62,13 +66,12 @@ def _env_bool(flag: str) -> bool:
         return False
     raise _Exit(
         EXIT_CONFIG,
-        f"{ENV_PREFIX}{flag[2:].replace('-', '_').upper()}={value!r} is "
-        "not a boolean: use 1/0, true/false, yes/no",
+        f"{_env_name(flag)}={value!r} is not a boolean: use 1/0, true/false, yes/no",
     )
 
 
 def _number(kind: type[float] | type[int], flag: str) -> Callable[[str], float | int]:
-    env = ENV_PREFIX + flag[2:].replace("-", "_").upper()
+    env = _env_name(flag)
 
     def convert(value: str) -> float | int:
         try:

@@ -66,8 +66,8 @@ def relay_env(uri: str, db: str, project: str, topic: str, **extra: str) -> dict
         MONGO_OUTBOX_DEFAULT_TOPIC=topic,
         MONGO_OUTBOX_LEASE_TTL="2",
         MONGO_OUTBOX_LOG_LEVEL="INFO",
-        **extra,
     )
+    env.update(extra)  # may override the defaults above
     return env
 
 

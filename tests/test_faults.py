@@ -48,6 +48,23 @@ def _all_published(client: MongoClient[Any], db: str) -> bool:
     return OutboxStore(client[db]).counts()["pending"] == 0
 
 
+def _deliver_all(
+    client: MongoClient[Any], db: str, sub: Any, since: float | None = None
+) -> tuple[dict[str, dict[str, Any]], float]:
+    """Wait until nothing is pending and all of it has arrived.
+
+    Returns what was committed and the seconds from ``since`` (default: now) until nothing
+    was pending.
+    """
+    since = time.monotonic() if since is None else since
+    wait_for(lambda: _all_published(client, db), timeout=120)
+    elapsed = time.monotonic() - since
+    committed = committed_ids(client, db)
+    sub.pull_until(len(committed), timeout=120)
+    sub.drain_quietly(quiet=1.5)  # later copies too, so that duplicates are counted
+    return committed, elapsed
+
+
 def test_kill_9_relay_repeatedly_while_writing(client, db_name, pubsub, mongodb_uri):
     topic, sub = pubsub.topic()
     env = relay_env(mongodb_uri, db_name, pubsub.project, topic)
@@ -70,11 +87,7 @@ def test_kill_9_relay_repeatedly_while_writing(client, db_name, pubsub, mongodb_
     final = RelayProcess(env)
     started = time.monotonic()
     try:
-        wait_for(lambda: _all_published(client, db_name), timeout=120)
-        recovered = time.monotonic() - started
-        committed = committed_ids(client, db_name)
-        sub.pull_until(len(committed), timeout=120)
-        sub.drain_quietly(quiet=2.0)
+        committed, recovered = _deliver_all(client, db_name, sub, since=started)
         assert final.terminate() == 0, final.output()
     finally:
         final.close()
@@ -106,13 +119,9 @@ def test_frozen_emulator_is_ridden_out(client, db_name, pubsub, pubsub_emulator,
         finally:
             pubsub_emulator.resume()
         resumed = time.monotonic()
-        time.sleep(1)
+        time.sleep(1)  # workload: keep writing for a second after the outage
         writer.stop()
-        wait_for(lambda: _all_published(client, db_name), timeout=120)
-        caught_up = time.monotonic() - resumed
-        committed = committed_ids(client, db_name)
-        sub.pull_until(len(committed), timeout=120)
-        sub.drain_quietly(quiet=1.5)
+        committed, caught_up = _deliver_all(client, db_name, sub, since=resumed)
         assert relay.alive(), relay.output()
         assert relay.terminate() == 0
     finally:
@@ -226,12 +235,9 @@ def test_two_relays_on_one_outbox(client, db_name, pubsub, mongodb_uri):
             timeout=30,
         )
         takeover = time.monotonic() - killed
-        time.sleep(1)
+        time.sleep(1)  # workload: keep writing for a second under the new lease holder
         writer.stop()
-        wait_for(lambda: _all_published(client, db_name), timeout=120)
-        committed = committed_ids(client, db_name)
-        sub.pull_until(len(committed), timeout=120)
-        sub.drain_quietly(quiet=1.5)
+        committed, _ = _deliver_all(client, db_name, sub)
         assert second.terminate() == 0
         assert "standby" in second.output()
     finally:
@@ -299,17 +305,22 @@ def test_second_signal_exits_at_once_while_the_first_waits_for_the_batch(
     client, db_name, pubsub, pubsub_emulator, mongodb_uri
 ):
     topic, sub = pubsub.topic()
-    relay = RelayProcess(relay_env(mongodb_uri, db_name, pubsub.project, topic))
+    env = relay_env(mongodb_uri, db_name, pubsub.project, topic, MONGO_OUTBOX_LOG_LEVEL="DEBUG")
+    relay = RelayProcess(env)
     try:
         with outbox_transaction(client, database=db_name) as tx:
             tx.emit("E", b"first")
         sub.pull_until(1)
         pubsub_emulator.pause()
         try:
+            published_before = relay.output().count("publishing 1 event(s)")
             with outbox_transaction(client, database=db_name) as tx:
                 stuck = tx.emit("E", b"stuck")
-            wait_for(lambda: "SIGTERM" not in relay.output(), timeout=5)
-            time.sleep(1)  # let the relay pick the event up and block on the frozen broker
+            # The relay has sent the batch to the frozen broker and is waiting for it.
+            wait_for(
+                lambda: relay.output().count("publishing 1 event(s)") > published_before,
+                timeout=10,
+            )
             relay.proc.send_signal(signal.SIGTERM)
             with pytest.raises(subprocess.TimeoutExpired):
                 relay.proc.wait(timeout=2)  # the first signal waits for the batch in flight
@@ -356,10 +367,7 @@ def _ride_out_mongo_fault(
             )
             recovered = time.monotonic() - started
             writer.stop()
-            wait_for(lambda: _all_published(client, db_name), timeout=120)
-            committed = committed_ids(client, db_name)
-            sub.pull_until(len(committed), timeout=120)
-            sub.drain_quietly(quiet=1.5)
+            committed, _ = _deliver_all(client, db_name, sub)
             assert relay.alive(), relay.output()
             assert relay.terminate() == 0
         finally:

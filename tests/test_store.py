@@ -117,15 +117,19 @@ def test_pending_returns_only_pending_in_id_order(store):
             _event(3, attempts=2, last_error="refused", next_attempt_at=_at(100)),
         ]
     )
-    docs = list(store.pending(2))
+    docs = _pending(store, 2)
     assert [d["_id"] for d in docs] == [ObjectId(f"{n:024x}") for n in (1, 3, 5)]
+
+
+def _pending(store, batch_size):
+    return [doc for batch in store.pending_batches(batch_size) for doc in batch]
 
 
 def test_pending_projects_only_what_publishing_needs(store):
     store.outbox.insert_one(
         _event(1, key="k", attempts=2, last_error="refused", next_attempt_at=_at(100))
     )
-    (doc,) = store.pending(10)
+    (doc,) = _pending(store, 10)
     assert set(doc) == {"_id", *PUBLISH_PROJECTION}
     assert "status" not in doc
     assert "last_error" not in doc
@@ -141,7 +145,7 @@ def test_pending_projects_only_what_publishing_needs(store):
 
 
 def test_pending_on_an_empty_outbox(store):
-    assert list(store.pending(100)) == []
+    assert _pending(store, 100) == []
 
 
 # -- mark_published --------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bson import ObjectId, Timestamp
@@ -445,13 +445,7 @@ class Relay:
                     )
                     handled.add(message.event_id)
                     continue
-                message = Message(
-                    message.event_id,
-                    self.config.default_topic,
-                    message.data,
-                    message.ordering_key,
-                    message.attributes,
-                )
+                message = replace(message, topic=self.config.default_topic)
             sendable.append((doc, message))
         if poison:
             self._marker.submit([], utcnow(), poison)
@@ -479,6 +473,7 @@ class Relay:
             for attempt in retrying:
                 with attempt:
                     self.lease.check()
+                    log.debug("publishing %d event(s)", len(pending))
                     results = self.publisher.publish([m for _, m in pending])
                     now = utcnow()
                     outcome = classify(
