@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from bson import Decimal128, ObjectId
 from bson.int64 import Int64
@@ -203,6 +203,12 @@ def _check_attributes(attributes: Any) -> dict[str, str]:
             raise ValidationError(f"attribute keys must be non-empty str, got {name!r}")
         if not isinstance(value, str):
             raise ValidationError(f"attribute {name!r} must be a str, not {type(value).__name__}")
+        if "\x00" in name:
+            # Attribute names are BSON field names, which end at the first NUL byte.
+            raise ValidationError(
+                f"attribute key {name!r} contains a NUL character (\\x00), which MongoDB cannot "
+                "store in a field name: remove it"
+            )
         if name.startswith("goog"):
             raise ValidationError(
                 f"attribute key {name!r} starts with 'goog', which Pub/Sub reserves: rename it"
@@ -234,17 +240,20 @@ def _message_size(data: bytes, attributes: Mapping[str, str], key: str | None) -
 _RESERVED_OVERHEAD = sum(len(n) for n in RESERVED_ATTRIBUTES) + 24 + 24
 
 
-def build_document(
-    event_type: Any,
-    payload: Any,
-    *,
-    topic: Any = None,
-    key: Any = None,
-    attributes: Any = None,
-    event_id: ObjectId | None = None,
-    created_at: _dt.datetime | None = None,
-) -> dict[str, Any]:
-    """Validate an event and return its outbox document (raises :class:`ValidationError`)."""
+class _CheckedEvent(NamedTuple):
+    event_type: str
+    topic: str | None
+    key: str | None
+    attributes: dict[str, str]
+    data: bytes
+    #: Bytes of data, ordering key and attributes, counting the reserved ones at their longest.
+    size: int
+
+
+def _check_event(
+    event_type: Any, payload: Any, topic: Any, key: Any, attributes: Any
+) -> _CheckedEvent:
+    """Every rule an event must meet to be published, shared by ``emit`` and the relay."""
     event_type = _check_type(event_type)
     topic = check_topic(topic)
     key = _check_key(key)
@@ -257,13 +266,28 @@ def build_document(
             f"{MAX_MESSAGE_BYTES:,} bytes of data and attributes: store the body elsewhere "
             "and publish a reference to it"
         )
+    return _CheckedEvent(event_type, topic, key, attrs, data, size)
+
+
+def build_document(
+    event_type: Any,
+    payload: Any,
+    *,
+    topic: Any = None,
+    key: Any = None,
+    attributes: Any = None,
+    event_id: ObjectId | None = None,
+    created_at: _dt.datetime | None = None,
+) -> dict[str, Any]:
+    """Validate an event and return its outbox document (raises :class:`ValidationError`)."""
+    event = _check_event(event_type, payload, topic, key, attributes)
     return {
         "_id": event_id if event_id is not None else ObjectId(),
-        "type": event_type,
-        "topic": topic,
-        "key": key,
-        "payload": data,
-        "attributes": attrs,
+        "type": event.event_type,
+        "topic": event.topic,
+        "key": event.key,
+        "payload": event.data,
+        "attributes": event.attributes,
         "created_at": created_at if created_at is not None else utcnow(),
         "status": STATUS_PENDING,
         "attempts": 0,
@@ -287,7 +311,8 @@ def message_from_document(doc: Mapping[str, Any]) -> Message:
     """Turn an outbox document into a :class:`Message`.
 
     Raises :class:`PoisonEventError` naming what is wrong when the document cannot be published
-    (written by hand, by another program or by an incompatible version).
+    (written by hand, by another program or by an incompatible version): the fields must have
+    their types and pass every check ``emit`` makes, Pub/Sub's limits included.
     """
     event_id = doc.get("_id")
     if not isinstance(event_id, ObjectId):
@@ -304,18 +329,16 @@ def message_from_document(doc: Mapping[str, Any]) -> Message:
             f"field 'created_at' must be a date, got {type(created_at).__name__}"
         )
     try:
-        topic = check_topic(doc.get("topic"))
-        key = _check_key(doc.get("key"))
-        attrs = _check_attributes(doc.get("attributes"))
+        event = _check_event(
+            event_type, payload, doc.get("topic"), doc.get("key"), doc.get("attributes")
+        )
     except ValidationError as exc:
         raise PoisonEventError(str(exc)) from exc
-    attributes = dict(attrs)
+    attributes = dict(event.attributes)
     attributes[ATTR_EVENT_ID] = str(event_id)
     attributes[ATTR_EVENT_TYPE] = event_type
     attributes[ATTR_CREATED_AT] = format_timestamp(created_at)
-    size = len(payload) + _message_size(b"", attrs, key) + _RESERVED_OVERHEAD
-    size += len(event_type.encode())
-    return Message(event_id, topic, payload, key, attributes, size)
+    return Message(event_id, event.topic, payload, event.key, attributes, event.size)
 
 
 def attempts_of(doc: Mapping[str, Any]) -> int:

@@ -94,21 +94,64 @@ class _EventBuffer:
         docs, self._docs = self._docs, []
         return docs
 
+    def clear(self) -> None:
+        self._docs = []
+
+
+# Why a transaction object is not live, completed by what the caller tried ("emit", ...).
+_NOT_STARTED = "the outbox transaction has not started: use it in {block}"
+_ENDED = "the outbox transaction has ended (committed/aborted): {action} inside the block"
+_FN_RETURNED = (
+    "run_in_outbox_transaction's fn has returned (or raised), so this tx's transaction has "
+    "ended: {action} inside fn, with the tx it is given"
+)
+_ALREADY_STARTED = (
+    "this outbox transaction has already started, and a transaction object runs once: "
+    "call outbox_transaction(...) again for a new transaction"
+)
+
 
 class _TransactionBase:
-    def __init__(self, client: Any, database: str | None, collection: str) -> None:
+    """State shared by the sync and async shells: live only between its start and its end."""
+
+    _BLOCK = "a with block"
+
+    def __init__(
+        self, client: Any, database: str | None, collection: str, session: Any = None
+    ) -> None:
         self._client = client
         self._database = _database_name(client, database)
         self._collection_name = collection
         self._events = _EventBuffer()
-        self._session: Any = None
+        # Given a session (run_in_outbox_transaction), the object lives in its transaction.
+        self._session: Any = session
+        self._refusal: str | None = None if session is not None else _NOT_STARTED
+
+    def _live_session(self, action: str) -> Any:
+        if self._refusal is not None:
+            raise OutboxError(self._refusal.format(block=self._BLOCK, action=action))
+        return self._session
+
+    def _enter(self, session: Any) -> None:
+        """Go live in ``session``'s new transaction, with an empty buffer."""
+        self._events.clear()
+        self._session = session
+        self._refusal = None
+
+    def _check_can_enter(self) -> None:
+        if self._refusal != _NOT_STARTED:
+            raise OutboxError(_ALREADY_STARTED)
+
+    def _end(self, reason: str = _ENDED) -> None:
+        """Leave the transaction for good: emit and session refuse from now on."""
+        self._events.clear()
+        self._session = None
+        self._refusal = reason
 
     @property
     def session(self) -> Any:
         """The client session of the transaction: pass it to every domain write."""
-        if self._session is None:
-            raise RuntimeError("the outbox transaction has not started: use it in a with block")
-        return self._session
+        return self._live_session("use tx.session")
 
     @property
     def database(self) -> str:
@@ -129,8 +172,10 @@ class _TransactionBase:
         ``payload`` is a dict (published as JSON), bytes (as is) or str (UTF-8). ``topic`` falls
         back to the relay's default topic; events with the same ``key`` are published in
         commit order. Raises :class:`~mongo_outbox.ValidationError` at once when the event
-        breaks a rule or a Pub/Sub limit; nothing has been written then.
+        breaks a rule or a Pub/Sub limit; nothing has been written then. Outside the
+        transaction (before the block, after it) it raises :class:`~mongo_outbox.OutboxError`.
         """
+        self._live_session("emit")
         return self._events.emit(event_type, payload, topic=topic, key=key, attributes=attributes)
 
     def _collection(self) -> Any:
@@ -160,9 +205,8 @@ class OutboxTransaction(_TransactionBase):
         write_concern: WriteConcern | None = None,
         session: Any = None,
     ) -> None:
-        super().__init__(client, database, collection)
+        super().__init__(client, database, collection, session)
         self._write_concern = write_concern or _DEFAULT_WRITE_CONCERN
-        self._session = session
 
     def _flush(self) -> None:
         docs = self._take_for_write()
@@ -172,13 +216,14 @@ class OutboxTransaction(_TransactionBase):
             self._collection().insert_many(docs, ordered=True, session=self._session)
 
     def __enter__(self) -> OutboxTransaction:
-        self._session = self._client.start_session()
+        self._check_can_enter()
+        session = self._client.start_session()
         try:
-            self._session.start_transaction(write_concern=self._write_concern)
+            session.start_transaction(write_concern=self._write_concern)
         except BaseException:
-            self._session.end_session()
-            self._session = None
+            session.end_session()
             raise
+        self._enter(session)
         return self
 
     def __exit__(
@@ -210,8 +255,8 @@ class OutboxTransaction(_TransactionBase):
                     if not _commit_should_retry(err, started):
                         raise
         finally:
+            self._end()
             session.end_session()
-            self._session = None
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -223,6 +268,8 @@ async def _maybe_await(value: Any) -> Any:
 class AsyncOutboxTransaction(_TransactionBase):
     """A transaction on a PyMongo ``AsyncMongoClient`` or a Motor client."""
 
+    _BLOCK = "an async with block"
+
     def __init__(
         self,
         client: Any,
@@ -232,9 +279,8 @@ class AsyncOutboxTransaction(_TransactionBase):
         write_concern: WriteConcern | None = None,
         session: Any = None,
     ) -> None:
-        super().__init__(client, database, collection)
+        super().__init__(client, database, collection, session)
         self._write_concern = write_concern or _DEFAULT_WRITE_CONCERN
-        self._session = session
 
     async def _flush(self) -> None:
         docs = self._take_for_write()
@@ -244,14 +290,15 @@ class AsyncOutboxTransaction(_TransactionBase):
             await self._collection().insert_many(docs, ordered=True, session=self._session)
 
     async def __aenter__(self) -> AsyncOutboxTransaction:
+        self._check_can_enter()
         # PyMongo's start_session is plain and start_transaction a coroutine; Motor the reverse.
-        self._session = await _maybe_await(self._client.start_session())
+        session = await _maybe_await(self._client.start_session())
         try:
-            await _maybe_await(self._session.start_transaction(write_concern=self._write_concern))
+            await _maybe_await(session.start_transaction(write_concern=self._write_concern))
         except BaseException:
-            await _maybe_await(self._session.end_session())
-            self._session = None
+            await _maybe_await(session.end_session())
             raise
+        self._enter(session)
         return self
 
     async def __aexit__(
@@ -283,8 +330,8 @@ class AsyncOutboxTransaction(_TransactionBase):
                     if not _commit_should_retry(err, started):
                         raise
         finally:
+            self._end()
             await _maybe_await(session.end_session())
-            self._session = None
 
 
 @overload
@@ -370,8 +417,11 @@ def run_in_outbox_transaction(
 
         def callback(s: Any) -> Any:
             tx = OutboxTransaction(client, database, collection, session=s)
-            result = fn(tx)
-            tx._flush()
+            try:
+                result = fn(tx)
+                tx._flush()
+            finally:
+                tx._end(_FN_RETURNED)
             return result
 
         return session.with_transaction(callback, write_concern=wc)
@@ -389,8 +439,11 @@ async def _run_async(
 
         async def callback(s: Any) -> Any:
             tx = AsyncOutboxTransaction(client, database, collection, session=s)
-            result = await _maybe_await(fn(tx))
-            await tx._flush()
+            try:
+                result = await _maybe_await(fn(tx))
+                await tx._flush()
+            finally:
+                tx._end(_FN_RETURNED)
             return result
 
         return await session.with_transaction(callback, write_concern=wc)

@@ -286,6 +286,24 @@ def test_bad_attribute_keys_are_rejected(name):
         ev.build_document("T", b"x", attributes={name: "v"})
 
 
+@pytest.mark.parametrize("name", ["a\x00b", "\x00", "tenant\x00"])
+def test_attribute_key_with_nul_is_rejected(name):
+    # BSON field names are NUL-terminated: such a key would abort the commit with bson's
+    # InvalidDocument instead of failing at emit.
+    with pytest.raises(ValidationError, match=r"contains a NUL character.*remove it") as info:
+        ev.build_document("T", b"x", attributes={name: "v"})
+    assert repr(name) in str(info.value)
+
+
+def test_nul_in_attribute_values_type_and_key_is_kept():
+    # Values may hold NUL in BSON; only field names cannot.
+    doc = ev.build_document("T\x00", b"x", key="k\x00", attributes={"a": "v\x00"})
+    message = ev.message_from_document(doc)
+    assert message.ordering_key == "k\x00"
+    assert message.attributes["a"] == "v\x00"
+    assert message.attributes["outbox_event_type"] == "T\x00"
+
+
 def test_attributes_must_be_a_mapping():
     with pytest.raises(ValidationError, match="attributes must be a dict of str to str, not list"):
         ev.build_document("T", b"x", attributes=[("a", "b")])
@@ -545,6 +563,47 @@ def _without(field):
 def test_message_from_malformed_document_is_poison(doc, match):
     with pytest.raises(PoisonEventError, match=match):
         ev.message_from_document(doc)
+
+
+# Documents written by hand or by another program get the same checks emit makes.
+
+
+def test_message_from_document_over_the_size_limit_is_poison():
+    doc = _doc(payload=b"x" * 11_000_000)
+    size = len(doc["payload"]) + len("order-7") + len("tenant") + len("acme")
+    size += ev._RESERVED_OVERHEAD + len("OrderCreated")
+    with pytest.raises(
+        PoisonEventError, match=rf"{size:,}-byte message; Pub/Sub accepts at most 10,000,000"
+    ):
+        ev.message_from_document(doc)
+
+
+def test_message_from_document_at_the_size_limit_is_accepted():
+    doc = ev.build_document("Big", b"x" * _max_data("Big"))
+    assert ev.message_from_document(doc).size == ev.MAX_MESSAGE_BYTES
+    doc["payload"] += b"x"
+    with pytest.raises(PoisonEventError, match="10,000,001-byte message"):
+        ev.message_from_document(doc)
+
+
+def test_message_from_document_with_a_type_over_1024_bytes_is_poison():
+    message = ev.message_from_document(_doc(type="t" * 1024))
+    assert message.attributes["outbox_event_type"] == "t" * 1024
+    with pytest.raises(PoisonEventError, match="event type is longer than 1024 bytes"):
+        ev.message_from_document(_doc(type="t" * 1025))
+    with pytest.raises(PoisonEventError, match="event type is longer than 1024 bytes"):
+        ev.message_from_document(_doc(type="é" * 513))
+
+
+def test_message_from_document_with_nul_in_an_attribute_key_is_poison():
+    with pytest.raises(PoisonEventError, match=r"'a\\x00b' contains a NUL character"):
+        ev.message_from_document(_doc(attributes={"a\x00b": "v"}))
+
+
+def test_message_size_is_the_size_emit_checks():
+    doc = ev.build_document("Tÿpe", b"x" * 10, key="ключ", attributes={"région": "东京"})
+    message = ev.message_from_document(doc)
+    assert message.size == _size(message)
 
 
 def test_attempts_of_tolerates_odd_values():

@@ -14,6 +14,7 @@ from pymongo.errors import OperationFailure
 
 from mongo_outbox import (
     AsyncOutboxTransaction,
+    OutboxError,
     OutboxTransaction,
     ValidationError,
     outbox_transaction,
@@ -222,3 +223,171 @@ def test_ending_the_transaction_inside_the_block_does_not_write_events_alone(cli
     # Ended inside the block without events: nothing to commit, no error.
     with outbox_transaction(client, database=db_name) as tx:
         tx.session.abort_transaction()
+
+
+# -- the transaction object outside its transaction -----------------------------------------
+
+NOT_STARTED = r"has not started: use it in an? (async )?with block"
+ENDED = r"has ended \(committed/aborted\): emit inside the block"
+SESSION_ENDED = r"has ended \(committed/aborted\)"
+RETURNED = r"run_in_outbox_transaction.*fn has returned"
+USED = r"has already started"
+
+
+def test_emit_and_session_before_the_block_are_refused(client, db_name):
+    tx = outbox_transaction(client, database=db_name)
+    with pytest.raises(OutboxError, match=NOT_STARTED):
+        tx.emit("OrderCreated", {"id": 1})
+    with pytest.raises(OutboxError, match=NOT_STARTED):
+        tx.session  # noqa: B018
+    with tx:  # refusals do not spoil a transaction never entered
+        tx.emit("OrderCreated", {"id": 2})
+    assert [d["payload"] for d in client[db_name].outbox.find()] == [b'{"id":2}']
+
+
+def test_emit_and_session_after_the_block_are_refused(client, db_name):
+    with outbox_transaction(client, database=db_name) as tx:
+        kept = tx.emit("OrderCreated", {"id": 1})
+    with pytest.raises(OutboxError, match=ENDED):
+        tx.emit("OrderCreated", {"id": 2})
+    with pytest.raises(OutboxError, match=SESSION_ENDED):
+        tx.session  # noqa: B018
+    assert [d["_id"] for d in client[db_name].outbox.find()] == [kept]
+
+
+def test_emit_after_an_aborted_block_is_refused(client, db_name):
+    with pytest.raises(KeyError), outbox_transaction(client, database=db_name) as tx:
+        tx.emit("OrderCreated", {"id": 1})
+        raise KeyError("x")
+    with pytest.raises(OutboxError, match=ENDED):
+        tx.emit("OrderCreated", {"id": 2})
+    assert client[db_name].outbox.count_documents({}) == 0
+
+
+def test_a_used_transaction_cannot_be_entered_again(client, db_name):
+    tx = outbox_transaction(client, database=db_name)
+    with pytest.raises(KeyError), tx:
+        tx.emit("Stale", {"id": 1})
+        raise KeyError("x")
+    with pytest.raises(OutboxError, match=USED), tx:
+        client[db_name].orders.insert_one({"_id": 2})
+    with tx.__class__(client, db_name) as fresh:  # a new object starts empty
+        fresh.emit("Fresh", {"id": 3})
+    committed = outbox_transaction(client, database=db_name)
+    with committed:
+        committed.emit("Committed", {"id": 4})
+    with pytest.raises(OutboxError, match=USED), committed:
+        pass
+    assert sorted(d["type"] for d in client[db_name].outbox.find()) == ["Committed", "Fresh"]
+
+
+def test_a_transaction_cannot_be_entered_inside_itself(client, db_name):
+    with pytest.raises(OutboxError, match=USED):
+        with outbox_transaction(client, database=db_name) as tx:
+            tx.emit("Outer", {"id": 1})
+            with tx:
+                tx.emit("Inner", {"id": 2})
+    assert client[db_name].outbox.count_documents({}) == 0
+
+
+def test_tx_kept_from_run_in_outbox_transaction_is_refused_after_fn_returns(client, db_name):
+    def work(tx: OutboxTransaction) -> OutboxTransaction:
+        tx.emit("OrderCreated", {"id": 1})
+        return tx
+
+    tx = run_in_outbox_transaction(client, work, database=db_name)
+    with pytest.raises(OutboxError, match=RETURNED):
+        tx.emit("OrderCreated", {"id": 2})
+    with pytest.raises(OutboxError, match=RETURNED):
+        tx.session  # noqa: B018
+    with pytest.raises(OutboxError, match=USED), tx:
+        pass
+    assert client[db_name].outbox.count_documents({}) == 1
+
+
+async def _async_outside_the_block(client: Any, db: str) -> None:
+    outbox = client[db].outbox
+    tx = outbox_transaction(client, database=db)
+    with pytest.raises(OutboxError, match=NOT_STARTED):
+        tx.emit("E", {"n": 1})
+    with pytest.raises(OutboxError, match=NOT_STARTED):
+        tx.session  # noqa: B018
+    async with tx:
+        kept = tx.emit("E", {"n": 2})
+    with pytest.raises(OutboxError, match=ENDED):
+        tx.emit("E", {"n": 3})
+    with pytest.raises(OutboxError, match=SESSION_ENDED):
+        tx.session  # noqa: B018
+    with pytest.raises(OutboxError, match=USED):
+        async with tx:
+            pass
+
+    aborted = outbox_transaction(client, database=db)
+    with pytest.raises(KeyError):
+        async with aborted:
+            aborted.emit("Stale", {"n": 4})
+            raise KeyError("x")
+    with pytest.raises(OutboxError, match=ENDED):
+        aborted.emit("E", {"n": 5})
+    with pytest.raises(OutboxError, match=USED):
+        async with aborted:
+            await client[db].orders.insert_one({"_id": 6})
+
+    async def work(tx: AsyncOutboxTransaction) -> AsyncOutboxTransaction:
+        tx.emit("E", {"n": 7})
+        return tx
+
+    returned = await run_in_outbox_transaction(client, work, database=db)
+    with pytest.raises(OutboxError, match=RETURNED):
+        returned.emit("E", {"n": 8})
+    with pytest.raises(OutboxError, match=RETURNED):
+        returned.session  # noqa: B018
+
+    docs = [d async for d in outbox.find({}, sort=[("_id", 1)])]
+    assert [d["payload"] for d in docs] == [b'{"n":2}', b'{"n":7}']
+    assert docs[0]["_id"] == kept
+    assert await client[db].orders.count_documents({}) == 0
+
+
+@pytest.mark.parametrize("driver", ["pymongo", "motor"])
+def test_async_emit_outside_the_block_is_refused(mongodb_uri, db_name, driver):
+    async def main() -> None:
+        if driver == "motor":
+            from motor.motor_asyncio import AsyncIOMotorClient
+
+            motor = AsyncIOMotorClient(mongodb_uri)
+            try:
+                await _async_outside_the_block(motor, db_name)
+            finally:
+                motor.close()
+        else:
+            client: AsyncMongoClient[Any] = AsyncMongoClient(mongodb_uri)
+            try:
+                await _async_outside_the_block(client, db_name)
+            finally:
+                await client.close()
+
+    asyncio.run(main())
+
+
+# -- NUL in an attribute key: refused at emit, not at commit --------------------------------
+
+
+def test_nul_in_an_attribute_key_is_refused_at_emit(client, db_name):
+    reached: list[bool] = []
+    with pytest.raises(ValidationError, match=r"'a\\x00b' contains a NUL character"):
+        with outbox_transaction(client, database=db_name) as tx:
+            client[db_name].orders.insert_one({"_id": 1}, session=tx.session)
+            tx.emit("OrderCreated", {"id": 1}, attributes={"a\x00b": "v"})
+            reached.append(True)
+    assert reached == []  # raised by emit, not later
+    assert client[db_name].orders.count_documents({}) == 0
+    assert client[db_name].outbox.count_documents({}) == 0
+    # Caught inside the block, the refused event leaves the rest of the transaction intact.
+    with outbox_transaction(client, database=db_name) as tx:
+        client[db_name].orders.insert_one({"_id": 2}, session=tx.session)
+        good = tx.emit("OrderCreated", {"id": 2})
+        with pytest.raises(ValidationError):
+            tx.emit("OrderCreated", {"id": 2}, attributes={"\x00": "v"})
+    assert [d["_id"] for d in client[db_name].orders.find()] == [2]
+    assert [d["_id"] for d in client[db_name].outbox.find()] == [good]
