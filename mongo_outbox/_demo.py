@@ -11,8 +11,9 @@ from typing import Any
 
 from pymongo import MongoClient
 
+from ._admin import OutboxAdmin
 from ._event import Message
-from ._store import OutboxStore, ensure_indexes
+from ._store import ensure_indexes
 from ._transaction import outbox_transaction
 from .publishers import InMemoryPublisher, Publisher, PubSubPublisher
 from .relay import Relay, RelayConfig
@@ -129,7 +130,7 @@ def run_demo() -> int:
             received = list(memory.messages)
         stop.set()
         thread.join()
-        counts = OutboxStore(client[db]).counts()
+        counts = OutboxAdmin(client[db]).counts()
         orders = client[db].orders.count_documents({})
         _say(f"6. done: {orders} orders, outbox {counts}; relay published {relay.stats.published}")
         ok = len(received) == ORDERS and counts["pending"] == 0

@@ -23,8 +23,11 @@ class OutboxError(Exception):
     """Base class of every mongo-outbox error."""
 
 
-class ConfigurationError(OutboxError):
-    """The library or relay is configured wrongly (bad flag, standalone server...)."""
+class ConfigurationError(OutboxError, ValueError):
+    """The library or relay is configured wrongly (bad flag or setting, standalone server...).
+
+    A :class:`ValueError` too, as bad settings were before this type existed.
+    """
 
 
 class ConnectError(OutboxError):

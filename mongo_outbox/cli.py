@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -21,11 +22,11 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from bson import ObjectId
-from bson.errors import InvalidId
 from pymongo import MongoClient
 from pymongo.errors import ConfigurationError as MongoConfigurationError
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
+from ._admin import OutboxAdmin, RelayInfo, shared_outbox_warning
 from ._errors import ConfigurationError, ConnectError, LeaseLostError
 from ._store import OutboxStore, ensure_indexes
 
@@ -36,6 +37,9 @@ EXIT_UNEXPECTED = 1
 EXIT_CONFIG = 2
 EXIT_CONNECT = 3
 ENV_PREFIX = "MONGO_OUTBOX_"
+_HEX_ID = re.compile(r"[0-9a-fA-F]{24}")
+_INT_ID = re.compile(r"[-+]?[0-9]+")
+_INT64 = range(-(2**63), 2**63)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -198,6 +202,20 @@ def _build_parser() -> argparse.ArgumentParser:
         help="events published and marked together (default 1000)",
     )
     relay.add_argument(
+        "--max-batch-bytes",
+        type=_number(int, "--max-batch-bytes"),
+        default=_env("--max-batch-bytes") or "20000000",
+        help="most bytes of events published together; the reader queue holds twice that, so "
+        "memory stays bounded whatever the event size (default 20000000)",
+    )
+    relay.add_argument(
+        "--isolate-after",
+        type=_number(float, "--isolate-after"),
+        default=_env("--isolate-after") or "30.0",
+        help="seconds a topic may keep failing transiently before its events are set to wait "
+        "so that other topics flow (default 30)",
+    )
+    relay.add_argument(
         "--max-attempts",
         type=_number(int, "--max-attempts"),
         default=_env("--max-attempts") or "10",
@@ -245,7 +263,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_mongo_flags(requeue)
     requeue.add_argument(
-        "--id", action="append", dest="ids", metavar="EVENT_ID", help="event id (hex); repeatable"
+        "--id",
+        action="append",
+        dest="ids",
+        metavar="EVENT_ID",
+        help="event _id: matched as a string, and also as an ObjectId when it is 24 hex digits "
+        "and as an integer when it is one; repeatable",
     )
     requeue.add_argument("--type", dest="event_type", help="event type")
     requeue.add_argument("--key", help="ordering key")
@@ -282,10 +305,11 @@ def _resolve_env(args: argparse.Namespace) -> None:
 
 
 def _connect(args: argparse.Namespace, *, need_database: bool = True) -> MongoClient[Any]:
+    """A client of a reachable replica set; raises ConfigurationError or ConnectError."""
     if not args.mongo_uri:
-        raise _Exit(EXIT_CONFIG, "no MongoDB URI: pass --mongo-uri or set MONGO_OUTBOX_MONGO_URI")
+        raise ConfigurationError("no MongoDB URI: pass --mongo-uri or set MONGO_OUTBOX_MONGO_URI")
     if need_database and not args.database:
-        raise _Exit(EXIT_CONFIG, "no database: pass --database or set MONGO_OUTBOX_DATABASE")
+        raise ConfigurationError("no database: pass --database or set MONGO_OUTBOX_DATABASE")
     uri = args.mongo_uri
     safe = redact_uri(uri)
     try:
@@ -298,20 +322,19 @@ def _connect(args: argparse.Namespace, *, need_database: bool = True) -> MongoCl
             tz_aware=True,
         )
     except (MongoConfigurationError, ValueError, TypeError) as exc:
-        raise _Exit(EXIT_CONFIG, f"invalid MongoDB URI {safe}: {_scrub(str(exc), uri)}") from exc
+        raise ConfigurationError(f"invalid MongoDB URI {safe}: {_scrub(str(exc), uri)}") from exc
     try:
         hello = client.admin.command("hello")
     except ConnectionFailure as exc:
         client.close()
         first = _scrub(str(exc), uri).split(" (configured timeouts")[0][:300]
-        raise _Exit(EXIT_CONNECT, f"cannot connect to MongoDB at {safe}: {first}") from exc
+        raise ConnectError(f"cannot connect to MongoDB at {safe}: {first}") from exc
     except OperationFailure as exc:
         client.close()
-        raise _Exit(EXIT_CONFIG, f"MongoDB at {safe} refused us: {_scrub(str(exc), uri)}") from exc
+        raise ConfigurationError(f"MongoDB at {safe} refused us: {_scrub(str(exc), uri)}") from exc
     if "setName" not in hello and hello.get("msg") != "isdbgrid":
         client.close()
-        raise _Exit(
-            EXIT_CONFIG,
+        raise ConfigurationError(
             f"MongoDB at {safe} is a standalone server; the outbox needs transactions and change "
             "streams, which need a replica set: start mongod with --replSet rs0 and run "
             "rs.initiate() (a single node is enough)",
@@ -341,13 +364,16 @@ def _age(value: Any) -> float | None:
 def _cmd_status(args: argparse.Namespace) -> int:
     client = _connect(args)
     try:
-        store = OutboxStore(client[args.database], args.collection)
-        counts = store.counts()
-        oldest = store.oldest_pending()
-        state = store.load_state(args.name)
-        errors = store.newest_errors()
+        admin = OutboxAdmin(client[args.database], args.collection)
+        counts = admin.counts()
+        oldest = admin.oldest_pending()
+        state = OutboxStore(client[args.database], args.collection).load_state(args.name)
+        errors = admin.newest_errors()
+        relays = admin.active_relays()
     finally:
         client.close()
+    live = [r for r in relays if r.live]
+    warnings = [shared_outbox_warning([r.name for r in live], admin.name)] if len(live) > 1 else []
     report: dict[str, Any] = {
         "outbox": f"{args.database}.{args.collection}",
         **counts,
@@ -369,6 +395,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
             }
             for e in errors
         ],
+        "relays": [_relay_report(r) for r in relays],
+        "live_relays": [r.name for r in live],
+        "warnings": warnings,
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -385,15 +414,31 @@ def _cmd_status(args: argparse.Namespace) -> int:
     checkpoint = fmt_age(report["checkpoint_age_s"]) if report["has_checkpoint"] else "none"
     print(f"checkpoint ({args.name})  {checkpoint}")
     print(f"lease owner       {report['lease_owner'] or '-'}")
+    holders = ", ".join(f"{r.name} ({r.owner}, {r.lease_remaining or 0:.1f}s left)" for r in live)
+    print(f"live relays       {holders or '-'}")
+    for warning in warnings:
+        print(f"warning: {warning}")
     for e in report["newest_dead"]:
         print(f"dead {e['id']} {e['type']} key={e['key']}: {e['error']}")
     return EXIT_OK
 
 
+def _relay_report(relay: RelayInfo) -> dict[str, Any]:
+    expires = relay.lease_expires_at
+    return {
+        "name": relay.name,
+        "owner": relay.owner,
+        "live": relay.live,
+        "lease_expires_at": expires.isoformat() if expires else None,
+        "lease_remaining_s": relay.lease_remaining,
+        "checkpoint_age_s": _age(relay.checkpoint_at),
+    }
+
+
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
     client = _connect(args)
     try:
-        reset = OutboxStore(client[args.database], args.collection).reset_token(args.name)
+        reset = OutboxAdmin(client[args.database], args.collection).reset_token(args.name)
     finally:
         client.close()
     print(f"checkpoint of relay {args.name!r} " + ("reset" if reset else "was not set"))
@@ -407,23 +452,28 @@ def _cmd_requeue(args: argparse.Namespace) -> int:
             EXIT_CONFIG,
             "say which dead events to requeue: --id, --type, --key, --older-than, or --all",
         )
-    ids = None
-    if args.ids is not None:
-        try:
-            ids = [ObjectId(i) for i in args.ids]
-        except (InvalidId, TypeError) as exc:
-            raise _Exit(EXIT_CONFIG, f"bad --id: {exc}") from exc
+    ids = None if args.ids is None else [v for i in args.ids for v in _id_values(i)]
     older = None
     if args.older_than is not None:
         older = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(seconds=args.older_than)
     client = _connect(args)
     try:
-        store = OutboxStore(client[args.database], args.collection)
-        count = store.requeue(ids=ids, event_type=args.event_type, key=args.key, older_than=older)
+        admin = OutboxAdmin(client[args.database], args.collection)
+        count = admin.requeue(ids=ids, event_type=args.event_type, key=args.key, older_than=older)
     finally:
         client.close()
     print(f"requeued {count} dead event{'s' if count != 1 else ''}")
     return EXIT_OK
+
+
+def _id_values(text: str) -> list[Any]:
+    """Every ``_id`` an operator may mean by ``text``: the string, an ObjectId, an integer."""
+    values: list[Any] = [text]
+    if _HEX_ID.fullmatch(text):
+        values.append(ObjectId(text))
+    if _INT_ID.fullmatch(text) and len(text) <= 20 and int(text) in _INT64:
+        values.append(int(text))
+    return values
 
 
 def _cmd_relay(args: argparse.Namespace) -> int:
@@ -441,6 +491,9 @@ def _cmd_relay(args: argparse.Namespace) -> int:
             name=args.name,
             default_topic=args.default_topic,
             batch_size=args.batch_size,
+            max_batch_bytes=args.max_batch_bytes,
+            queue_bytes=2 * args.max_batch_bytes,
+            isolate_after=args.isolate_after,
             max_attempts=args.max_attempts,
             lease_ttl=args.lease_ttl,
             dead_key_policy=args.dead_key_policy,
@@ -550,6 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(EXIT_CONFIG, str(exc))
     except ConnectError as exc:
         _fail(EXIT_CONNECT, str(exc))
+    except ConnectionFailure as exc:
+        _fail(EXIT_CONNECT, f"lost the connection to MongoDB: {str(exc)[:300]}")
     except PyMongoError as exc:
         _fail(EXIT_UNEXPECTED, f"MongoDB error: {type(exc).__name__}: {exc}")
 

@@ -23,10 +23,11 @@ import pytest
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
+from mongo_outbox import ConfigurationError, ConnectError, cli
 from mongo_outbox import _event as ev
-from mongo_outbox import cli
-from mongo_outbox._store import PENDING_INDEX, OutboxStore
+from mongo_outbox._store import PENDING_INDEX, OutboxStore, state_collection_name
 from mongo_outbox.cli import main, parse_args
+from mongo_outbox.relay._lease import Lease
 from mongo_outbox.testing import find_mongod
 from mongo_outbox.testing.plugin import REQUIRE_SERVICES_ENV, unavailable
 
@@ -210,6 +211,9 @@ def test_commands_without_uri_or_database(command, capsys):
         (["--batch-size", "0"], "'0' must be positive"),
         (["--batch-size", "10001"], "bad relay setting: batch_size must be between 1 and 10000"),
         (["--max-attempts", "0"], "'0' must be positive"),
+        (["--max-batch-bytes", "0"], "'0' must be positive"),
+        (["--max-batch-bytes", "1e6"], "'1e6' is not an integer"),
+        (["--isolate-after", "soon"], "'soon' is not a number"),
         (["--default-topic", "goog-topic"], "bad relay setting: invalid topic"),
     ],
 )
@@ -658,3 +662,121 @@ def test_checkpoint_reset(mongodb_uri, outbox_database, mongo_client, capsys):
     code, out, err = _exit_code(["checkpoint", "reset", "--name", "other", *base], capsys)
     assert code == 0, err
     assert "resume_token" not in store.load_state("other")
+
+
+def _dead_docs(client: MongoClient, database: str) -> list:
+    """Dead events whose ``_id`` is a string, an int and an ObjectId (a poison doc may be any)."""
+    docs = [ev.build_document("OrderCreated", {"n": n}, key=f"order-{n}") for n in range(3)]
+    for doc, _id in zip(docs, ["abc", 42, docs[2]["_id"]], strict=True):
+        doc.update(_id=_id, status="dead", attempts=10, last_error=f"refused {_id}")
+    client[database].outbox.insert_many(docs)
+    return [d["_id"] for d in docs]
+
+
+def test_requeue_by_id_of_any_type(mongodb_uri, outbox_database, mongo_client, capsys):
+    ids = _dead_docs(mongo_client, outbox_database)
+    outbox = mongo_client[outbox_database].outbox
+    base = ["requeue", "--mongo-uri", mongodb_uri, "--database", outbox_database]
+
+    def statuses() -> dict:
+        return {d["_id"]: d["status"] for d in outbox.find({}, {"status": 1})}
+
+    code, out, err = _exit_code([*base, "--id", "abc"], capsys)
+    assert code == 0, err
+    assert out.strip() == "requeued 1 dead event"
+    assert statuses() == {"abc": "pending", 42: "dead", ids[2]: "dead"}
+
+    code, out, err = _exit_code([*base, "--id", "42"], capsys)
+    assert code == 0, err
+    assert out.strip() == "requeued 1 dead event"
+    assert statuses() == {"abc": "pending", 42: "pending", ids[2]: "dead"}
+
+    code, out, err = _exit_code([*base, "--id", "nothing-like-it", "--id", "7"], capsys)
+    assert code == 0, err
+    assert out.strip() == "requeued 0 dead events"
+
+    code, out, err = _exit_code([*base, "--id", str(ids[2]).upper()], capsys)
+    assert code == 0, err
+    assert out.strip() == "requeued 1 dead event"
+    assert set(statuses().values()) == {"pending"}
+
+
+def test_requeue_matches_a_hex_id_stored_as_a_string(mongodb_uri, outbox_database, mongo_client):
+    hex_id = "0123456789abcdef01234567"
+    doc = ev.build_document("E", b"x")
+    doc.update(_id=hex_id, status="dead")
+    mongo_client[outbox_database].outbox.insert_one(doc)
+    result = _run(
+        "requeue", "--id", hex_id, "--mongo-uri", mongodb_uri, "--database", outbox_database
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "requeued 1 dead event"
+
+
+def test_status_prints_dead_events_of_any_id_type(mongodb_uri, outbox_database, mongo_client):
+    _dead_docs(mongo_client, outbox_database)
+    base = ["status", "--mongo-uri", mongodb_uri, "--database", outbox_database]
+    result = _run(*base)
+    assert result.returncode == 0, result.stderr
+    assert "dead abc OrderCreated key=order-0: refused abc" in result.stdout
+    assert "dead 42 OrderCreated key=order-1: refused 42" in result.stdout
+    result = _run(*base, "--json")
+    assert result.returncode == 0, result.stderr
+    assert {"abc", "42"} <= {e["id"] for e in json.loads(result.stdout)["newest_dead"]}
+
+
+def test_status_shows_live_relays_and_warns_about_two_names(
+    mongodb_uri, outbox_database, mongo_client, capsys
+):
+    state = mongo_client[outbox_database][state_collection_name("outbox")]
+    for name, owner in [("default", "host:1"), ("billing", "host:2")]:
+        assert Lease(state, name, owner, ttl=60).try_acquire()
+    state.insert_one({"_id": "old", "lease_owner": "host:3", "fence": 2})  # no live lease
+    base = ["status", "--mongo-uri", mongodb_uri, "--database", outbox_database]
+    warning = (
+        f"relay names billing and default both publish from outbox {outbox_database}.outbox: "
+        "every event is published by each; give them the same --name (one active, others "
+        "standby)"
+    )
+
+    code, out, err = _exit_code(base, capsys)
+    assert code == 0, err
+    assert re.search(
+        r"^live relays\s+billing \(host:2, \d+\.\ds left\), default \(host:1, \d+\.\ds left\)$",
+        out,
+        re.MULTILINE,
+    ), out
+    assert f"warning: {warning}" in out.splitlines()
+
+    code, out, err = _exit_code([*base, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    relays = {r["name"]: r for r in report["relays"]}
+    assert set(relays) == {"billing", "default", "old"}
+    assert relays["default"]["live"] is True
+    assert relays["default"]["owner"] == "host:1"
+    assert 0 < relays["default"]["lease_remaining_s"] <= 60
+    assert relays["old"]["live"] is False
+    assert report["live_relays"] == ["billing", "default"]
+    assert report["warnings"] == [warning]
+
+
+def test_status_with_one_live_relay_warns_of_nothing(mongodb_uri, outbox_database, mongo_client):
+    state = mongo_client[outbox_database][state_collection_name("outbox")]
+    assert Lease(state, "default", "host:1", ttl=60).try_acquire()
+    assert Lease(state, "default", "host:2", ttl=60).try_acquire() is False  # a standby
+    result = _run("status", "--json", "--mongo-uri", mongodb_uri, "--database", outbox_database)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["live_relays"] == ["default"]
+    assert report["warnings"] == []
+
+
+def test_connection_failures_are_library_errors(closed_port):
+    uri = f"mongodb://127.0.0.1:{closed_port}/?serverSelectionTimeoutMS=500"
+    args = parse_args(["status", "--mongo-uri", uri, "--database", "d", "--connect-timeout", "1"])
+    with pytest.raises(ConnectError, match=f"cannot connect to MongoDB at .*:{closed_port}"):
+        cli._connect(args)
+    args = parse_args(["init", "--mongo-uri", "notmongo://x", "--database", "d"])
+    with pytest.raises(ConfigurationError, match="invalid MongoDB URI"):
+        cli._connect(args)

@@ -112,6 +112,7 @@ def test_py_typed_marker_is_shipped():
         ("TransientPublishError", "PublishError"),
         ("PermanentPublishError", "PublishError"),
         ("ConfigurationError", "OutboxError"),
+        ("ConfigurationError", "ValueError"),
         ("ConnectError", "OutboxError"),
         ("LeaseLostError", "OutboxError"),
         ("OutboxError", "Exception"),
@@ -139,9 +140,24 @@ def test_sibling_errors_are_distinct(one, other):
     assert not issubclass(b, a)
 
 
-def test_only_validation_errors_are_value_errors():
-    for name in ("PublishError", "ConfigurationError", "ConnectError", "LeaseLostError"):
+def test_only_validation_and_configuration_errors_are_value_errors():
+    for name in ("PublishError", "ConnectError", "LeaseLostError"):
         assert not issubclass(getattr(mongo_outbox, name), ValueError)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"database": ""},
+        {"database": "d", "batch_size": 0},
+        {"database": "d", "max_attempts": 0},
+        {"database": "d", "lease_ttl": 0},
+        {"database": "d", "dead_key_policy": "drop"},
+    ],
+)
+def test_bad_relay_settings_are_configuration_errors(settings):
+    with pytest.raises(mongo_outbox.ConfigurationError):
+        mongo_outbox.RelayConfig(**settings)
 
 
 def test_errors_are_defined_in_one_module():

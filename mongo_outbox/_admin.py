@@ -1,0 +1,171 @@
+"""Operator queries on an outbox: counts, dead events, requeue, checkpoints, relays."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pymongo import ASCENDING
+from pymongo.collection import Collection
+from pymongo.database import Database
+
+from ._event import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED
+from ._event import utcnow as _utcnow
+from ._store import state_collection_name
+
+__all__ = ["LIVE_LEASE", "OutboxAdmin", "RelayInfo", "shared_outbox_warning"]
+
+_T = TypeVar("_T")
+
+#: Aggregation expression, true for a relay state document whose lease is held now: a string
+#: owner and a date expiry later than the server's clock. Anything else holds nothing.
+LIVE_LEASE: dict[str, Any] = {
+    "$and": [
+        {"$eq": [{"$type": "$lease_owner"}, "string"]},
+        {"$eq": [{"$type": "$lease_expires_at"}, "date"]},
+        {"$gt": ["$lease_expires_at", "$$NOW"]},
+    ]
+}
+
+
+def shared_outbox_warning(names: Sequence[str], outbox: str) -> str:
+    """The warning about several relay names publishing from one outbox."""
+    listed = f"{', '.join(names[:-1])} and {names[-1]}"
+    verb = "both publish" if len(names) == 2 else "all publish"
+    return (
+        f"relay names {listed} {verb} from outbox {outbox}: every event is published by each; "
+        "give them the same --name (one active, others standby)"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RelayInfo:
+    """One relay state document as an operator sees it."""
+
+    name: str
+    #: Lease owner (None when released or not a string).
+    owner: str | None
+    lease_expires_at: _dt.datetime | None
+    #: True while the lease is held, by the server's clock.
+    live: bool
+    #: Seconds the lease has left by the server's clock (None unless live).
+    lease_remaining: float | None
+    #: When the resume token was last saved.
+    checkpoint_at: _dt.datetime | None
+
+
+class OutboxAdmin:
+    """Operator queries and repairs on one outbox collection and its relay state."""
+
+    def __init__(self, db: Database[Any], collection: str = "outbox") -> None:
+        self.db = db
+        self.name = f"{db.name}.{collection}"
+        self.outbox: Collection[Any] = db[collection]
+        self.state: Collection[Any] = db[state_collection_name(collection)]
+
+    # -- events ----------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Number of events per status."""
+        result = {STATUS_PENDING: 0, STATUS_PUBLISHED: 0, STATUS_DEAD: 0}
+        for row in self.outbox.aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}]):
+            result[str(row["_id"])] = int(row["n"])
+        return result
+
+    def oldest_pending(self) -> dict[str, Any] | None:
+        """The first pending event in ``_id`` order, if any."""
+        doc: dict[str, Any] | None = self.outbox.find_one(
+            {"status": STATUS_PENDING}, {"created_at": 1}, sort=[("_id", ASCENDING)]
+        )
+        return doc
+
+    def newest_errors(self, limit: int = 5) -> list[dict[str, Any]]:
+        """The most recent dead events with their reasons."""
+        return list(
+            self.outbox.find(
+                {"status": STATUS_DEAD},
+                {"type": 1, "key": 1, "attempts": 1, "last_error": 1},
+                sort=[("_id", -1)],
+                limit=limit,
+            )
+        )
+
+    def requeue(
+        self,
+        *,
+        ids: Iterable[Any] | None = None,
+        event_type: str | None = None,
+        key: str | None = None,
+        older_than: _dt.datetime | None = None,
+    ) -> int:
+        """Set dead events back to pending (all, or those matching every filter given).
+
+        ``ids`` are ``_id`` values of any BSON type. Attempts start again from zero;
+        ``last_error`` is kept for the record. Returns how many events were requeued.
+        """
+        query: dict[str, Any] = {"status": STATUS_DEAD}
+        if ids is not None:
+            query["_id"] = {"$in": list(ids)}
+        if event_type is not None:
+            query["type"] = event_type
+        if key is not None:
+            query["key"] = key
+        if older_than is not None:
+            query["created_at"] = {"$lt": older_than}
+        result = self.outbox.update_many(
+            query,
+            {
+                "$set": {"status": STATUS_PENDING, "attempts": 0, "requeued_at": _utcnow()},
+                "$unset": {"next_attempt_at": ""},
+            },
+        )
+        return int(result.modified_count)
+
+    # -- relays ----------------------------------------------------------------------------
+
+    def reset_token(self, name: str) -> bool:
+        """Forget relay ``name``'s resume token so its next start runs the gap-free recovery."""
+        result = self.state.update_one({"_id": name}, {"$unset": {"resume_token": ""}})
+        return bool(result.modified_count)
+
+    def active_relays(self) -> list[RelayInfo]:
+        """Every relay state document of this outbox, by name, live or not."""
+        rows = self.state.aggregate(
+            [
+                {
+                    "$project": {
+                        "lease_owner": 1,
+                        "lease_expires_at": 1,
+                        "checkpoint_at": 1,
+                        "live": LIVE_LEASE,
+                        "remaining_ms": {
+                            "$cond": [
+                                LIVE_LEASE,
+                                {"$subtract": ["$lease_expires_at", "$$NOW"]},
+                                None,
+                            ]
+                        },
+                    }
+                },
+                {"$sort": {"_id": 1}},
+            ]
+        )
+        return [
+            RelayInfo(
+                name=str(row["_id"]),
+                owner=_typed(row.get("lease_owner"), str),
+                lease_expires_at=_typed(row.get("lease_expires_at"), _dt.datetime),
+                live=bool(row["live"]),
+                lease_remaining=None
+                if row.get("remaining_ms") is None
+                else float(row["remaining_ms"]) / 1000,
+                checkpoint_at=_typed(row.get("checkpoint_at"), _dt.datetime),
+            )
+            for row in rows
+        ]
+
+
+def _typed(value: object, kind: type[_T]) -> _T | None:
+    return value if isinstance(value, kind) else None
