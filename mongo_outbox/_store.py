@@ -9,14 +9,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from bson import ObjectId, Timestamp
+from bson.codec_options import CodecOptions
+from bson.raw_bson import RawBSONDocument
 from pymongo import ASCENDING, MongoClient, ReadPreference, UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import CollectionInvalid, OperationFailure
 from pymongo.read_concern import ReadConcern
 
+from ._errors import ConfigurationError
 from ._event import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED
-from ._event import utcnow as _utcnow
 
 __all__ = ["Failure", "OutboxStore", "ensure_indexes", "state_collection_name"]
 
@@ -35,6 +37,7 @@ PUBLISH_PROJECTION = {
 # Codes that say a snapshot read is not possible here: SnapshotUnavailable, SnapshotTooOld,
 # InvalidOptions, TypeMismatch, FailedToParse, OperationNotSupportedInTransaction.
 _SNAPSHOT_UNUSABLE = {246, 239, 72, 14, 9, 263}
+_RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
 
 
 def state_collection_name(collection: str) -> str:
@@ -66,7 +69,7 @@ def ensure_indexes(
 
 def _require(database: str | None) -> str:
     if not database:
-        raise ValueError("database is required when a client is given")
+        raise ConfigurationError("database is required when a client is given")
     return database
 
 
@@ -74,7 +77,7 @@ def _require(database: str | None) -> str:
 class Failure:
     """A failed publish attempt to record on an outbox document."""
 
-    event_id: ObjectId
+    event_id: Any  # an ObjectId, or whatever _id a poison document has
     attempts: int
     error: str
     next_attempt_at: _dt.datetime | None  # None: the event is dead
@@ -115,15 +118,20 @@ class OutboxStore:
             self.outbox.bulk_write(ops, ordered=False)
 
     def pending_batches(
-        self, batch_size: int, at: Timestamp | None = None
-    ) -> Iterator[list[dict[str, Any]]]:
-        """Pending events in ``_id`` order, in lists of up to ``batch_size``.
+        self, batch_size: int, at: Timestamp | None = None, after: Any = None
+    ) -> Iterator[list[RawBSONDocument]]:
+        """Pending events in ``_id`` order (after ``after`` if given), in lists of up to
+        ``batch_size`` raw documents (the relay decodes each on its own).
 
         Read at cluster time ``at`` when given: a snapshot read at the time the change stream
         starts makes the sweep and the stream meet without a gap or an order inversion;
-        servers that cannot do it get a plain read.
+        servers that cannot do it get a plain read. A snapshot that becomes too old while it is
+        read raises ``OperationFailure`` code 239 (SnapshotTooOld).
         """
-        query = {"status": STATUS_PENDING}
+        query: dict[str, Any] = {"status": STATUS_PENDING}
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        outbox = self.outbox.with_options(codec_options=_RAW)
         if at is not None:
             try:
                 yield from self._snapshot_find(query, batch_size, at)
@@ -132,7 +140,7 @@ class OutboxStore:
                 pass
         if at is None:
             yield from _batches(
-                self.outbox.find(
+                outbox.find(
                     query, PUBLISH_PROJECTION, sort=[("_id", ASCENDING)], batch_size=batch_size
                 ),
                 batch_size,
@@ -140,7 +148,7 @@ class OutboxStore:
             return
         # Without snapshot reads (servers before 5.0): a majority read from the primary that
         # waits for ``at``, so nothing committed at or before ``at`` is missed.
-        outbox = self.outbox.with_options(
+        outbox = outbox.with_options(
             read_concern=ReadConcern("majority"), read_preference=ReadPreference.PRIMARY
         )
         with self.db.client.start_session(causal_consistency=True) as session:
@@ -156,7 +164,7 @@ class OutboxStore:
 
     def _snapshot_find(
         self, query: Mapping[str, Any], batch_size: int, at: Timestamp
-    ) -> Iterator[list[dict[str, Any]]]:
+    ) -> Iterator[list[RawBSONDocument]]:
         cmd = {
             "find": self.outbox.name,
             "filter": query,
@@ -169,14 +177,14 @@ class OutboxStore:
         # A cursor belongs to the session that opened it: every getMore must use the same one.
         with self.db.client.start_session(causal_consistency=False) as session:
             try:
-                reply = self.db.command(cmd, session=session)
+                reply = self.db.command(cmd, session=session, codec_options=_RAW)
             except OperationFailure as exc:
                 if exc.code in _SNAPSHOT_UNUSABLE or exc.code == 2:  # BadValue: no index...
                     raise _SnapshotUnavailable from exc
                 raise
             cursor = reply["cursor"]
             if cursor["firstBatch"]:
-                yield cursor["firstBatch"]
+                yield list(cursor["firstBatch"])
             cursor_id = cursor["id"]
             get_more = {
                 "getMore": cursor_id,
@@ -185,11 +193,11 @@ class OutboxStore:
             }
             try:
                 while cursor_id:
-                    reply = self.db.command(get_more, session=session)
+                    reply = self.db.command(get_more, session=session, codec_options=_RAW)
                     cursor = reply["cursor"]
                     cursor_id = cursor["id"]
                     if cursor["nextBatch"]:
-                        yield cursor["nextBatch"]
+                        yield list(cursor["nextBatch"])
             finally:
                 if cursor_id:
                     with contextlib.suppress(Exception):
@@ -197,6 +205,15 @@ class OutboxStore:
                             {"killCursors": self.outbox.name, "cursors": [cursor_id]},
                             session=session,
                         )
+
+    def cluster_time(self) -> Timestamp:
+        """The cluster time as the server sees it now."""
+        with self.db.client.start_session(causal_consistency=False) as session:
+            self.db.command("ping", session=session)
+            at: Timestamp | None = session.operation_time
+        if at is None:
+            raise ConfigurationError("the server reports no cluster time: is it a replica set?")
+        return at
 
     def dead_keys(self) -> list[tuple[str | None, str]]:
         """(topic, ordering key) pairs that have a dead event."""
@@ -207,62 +224,6 @@ class OutboxStore:
             ]
         )
         return [(r["_id"].get("t"), str(r["_id"]["k"])) for r in rows]
-
-    def requeue(
-        self,
-        *,
-        ids: Iterable[ObjectId] | None = None,
-        event_type: str | None = None,
-        key: str | None = None,
-        older_than: _dt.datetime | None = None,
-    ) -> int:
-        """Set dead events back to pending (all, or those matching every filter given).
-
-        Attempts start again from zero; ``last_error`` is kept for the record. Returns how
-        many events were requeued.
-        """
-        query: dict[str, Any] = {"status": STATUS_DEAD}
-        if ids is not None:
-            query["_id"] = {"$in": list(ids)}
-        if event_type is not None:
-            query["type"] = event_type
-        if key is not None:
-            query["key"] = key
-        if older_than is not None:
-            query["created_at"] = {"$lt": older_than}
-        result = self.outbox.update_many(
-            query,
-            {
-                "$set": {"status": STATUS_PENDING, "attempts": 0, "requeued_at": _utcnow()},
-                "$unset": {"next_attempt_at": ""},
-            },
-        )
-        return int(result.modified_count)
-
-    def counts(self) -> dict[str, int]:
-        """Number of events per status."""
-        result = {STATUS_PENDING: 0, STATUS_PUBLISHED: 0, STATUS_DEAD: 0}
-        for row in self.outbox.aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}]):
-            result[str(row["_id"])] = int(row["n"])
-        return result
-
-    def oldest_pending(self) -> dict[str, Any] | None:
-        """The first pending event in ``_id`` order, if any."""
-        doc: dict[str, Any] | None = self.outbox.find_one(
-            {"status": STATUS_PENDING}, {"created_at": 1}, sort=[("_id", ASCENDING)]
-        )
-        return doc
-
-    def newest_errors(self, limit: int = 5) -> list[dict[str, Any]]:
-        """The most recent dead events with their reasons."""
-        return list(
-            self.outbox.find(
-                {"status": STATUS_DEAD},
-                {"type": 1, "key": 1, "attempts": 1, "last_error": 1},
-                sort=[("_id", -1)],
-                limit=limit,
-            )
-        )
 
     # -- relay state -----------------------------------------------------------------------
 
@@ -293,14 +254,9 @@ class OutboxStore:
         )
         return result.matched_count == 1
 
-    def reset_token(self, name: str) -> bool:
-        """Forget the resume token so the next start runs the gap-free recovery."""
-        result = self.state.update_one({"_id": name}, {"$unset": {"resume_token": ""}})
-        return bool(result.modified_count)
 
-
-def _batches(docs: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
+def _batches(docs: Iterable[RawBSONDocument], size: int) -> Iterator[list[RawBSONDocument]]:
+    batch: list[RawBSONDocument] = []
     for doc in docs:
         batch.append(doc)
         if len(batch) >= size:

@@ -20,6 +20,7 @@ from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
 from mongo_outbox import ensure_indexes, outbox_transaction
+from mongo_outbox._admin import OutboxAdmin
 from mongo_outbox._store import OutboxStore
 from mongo_outbox.cli import main as cli_main
 from mongo_outbox.testing import MongoReplicaSet
@@ -45,7 +46,7 @@ def _emit_marker(client: MongoClient[Any], db: str) -> Any:
 
 
 def _all_published(client: MongoClient[Any], db: str) -> bool:
-    return OutboxStore(client[db]).counts()["pending"] == 0
+    return OutboxAdmin(client[db]).counts()["pending"] == 0
 
 
 def _deliver_all(

@@ -9,8 +9,10 @@ from bson import ObjectId
 
 from mongo_outbox import Message, PermanentPublishError, TransientPublishError
 from mongo_outbox._store import Failure
-from mongo_outbox.relay import _ordering
-from mongo_outbox.relay._ordering import SweepFilter, as_utc, classify, key_of, retry_delay
+from mongo_outbox.relay import _backoff
+from mongo_outbox.relay._backoff import Backoff
+from mongo_outbox.relay._decode import Event, to_event
+from mongo_outbox.relay._ordering import SweepFilter, as_utc, classify, key_of
 
 UTC = dt.timezone.utc
 NOW = dt.datetime(2026, 3, 4, 12, 0, 0, tzinfo=UTC)
@@ -162,16 +164,11 @@ def test_naive_datetimes_are_taken_as_utc():
 
 
 def _sent(*keys, attempts=0):
-    pairs = []
-    for key in keys:
-        doc = _doc(key, attempts=attempts)
-        message = Message(doc["_id"], "orders", b"{}", key, {})
-        pairs.append((doc, message))
-    return pairs
+    return [Event(Message(ObjectId(), "orders", b"{}", key, {}), attempts, 2) for key in keys]
 
 
-def _classify(sent, results, **kwargs):
-    options = {"now": NOW, "max_attempts": 5, "retry_initial": 1.0, "retry_max": 60.0}
+def _classify(sent, results, retry_initial=1.0, retry_max=60.0, **kwargs):
+    options = {"now": NOW, "max_attempts": 5, "retry": Backoff(retry_initial, retry_max)}
     options.update(kwargs)
     return classify(sent, results, **options)
 
@@ -179,7 +176,7 @@ def _classify(sent, results, **kwargs):
 def test_all_published():
     sent = _sent("a", None, "a", "b")
     outcome = _classify(sent, [None] * 4)
-    assert outcome.published == [m.event_id for _, m in sent]
+    assert outcome.published == [e.message.event_id for e in sent]
     assert outcome.failures == []
     assert outcome.retry == []
     assert outcome.blocked == set()
@@ -197,7 +194,7 @@ def test_transient_error_retries_the_event_and_later_events_of_its_key():
     results = [TransientPublishError("unavailable"), None, paused, None, None]
     outcome = _classify(sent, results)
     assert outcome.retry == [sent[0], sent[2], sent[4]]
-    assert outcome.published == [sent[1][1].event_id, sent[3][1].event_id]
+    assert outcome.published == [sent[1].message.event_id, sent[3].message.event_id]
     assert outcome.failures == []  # transient errors do not count attempts
     assert outcome.blocked == set()
     assert outcome.dead == 0
@@ -207,7 +204,7 @@ def test_transient_error_on_a_keyless_event_retries_only_it():
     sent = _sent(None, None)
     outcome = _classify(sent, [TransientPublishError("x"), None])
     assert outcome.retry == [sent[0]]
-    assert outcome.published == [sent[1][1].event_id]
+    assert outcome.published == [sent[1].message.event_id]
 
 
 def test_permanent_error_counts_an_attempt_and_blocks_the_key():
@@ -215,14 +212,14 @@ def test_permanent_error_counts_an_attempt_and_blocks_the_key():
     error = PermanentPublishError("topic orders refused")
     results = [error, None, TransientPublishError("held behind"), None]
     outcome = _classify(sent, results, max_attempts=5, retry_initial=1.0, retry_max=60.0)
-    assert outcome.published == [sent[1][1].event_id]
+    assert outcome.published == [sent[1].message.event_id]
     assert outcome.retry == []
-    assert outcome.blocked == {"k"}
+    assert outcome.blocked == {"orders\nk"}
     assert outcome.dead == 0
     assert len(outcome.failures) == 1
     failure = outcome.failures[0]
     assert isinstance(failure, Failure)
-    assert failure.event_id == sent[0][1].event_id
+    assert failure.event_id == sent[0].message.event_id
     assert failure.attempts == 3
     assert failure.error == "topic orders refused"
     # Third failure: backoff 1 * 2**2 = 4 s, jittered into [2, 4].
@@ -233,7 +230,7 @@ def test_permanent_error_counts_an_attempt_and_blocks_the_key():
 
 @pytest.mark.parametrize("jitter", [0.5, 1.0])
 def test_permanent_error_backoff_bounds(monkeypatch, jitter):
-    monkeypatch.setattr(_ordering.random, "uniform", lambda a, b: a if jitter == 0.5 else b)
+    monkeypatch.setattr(_backoff.random, "uniform", lambda a, b: a if jitter == 0.5 else b)
     sent = _sent("k", attempts=0)
     outcome = _classify(sent, [PermanentPublishError("no")], retry_initial=2.0)
     failure = outcome.failures[0]
@@ -246,11 +243,11 @@ def test_last_attempt_makes_the_event_dead():
     results = [PermanentPublishError("bad"), TransientPublishError("paused"), None]
     outcome = _classify(sent, results, max_attempts=5)
     assert outcome.dead == 1
-    assert outcome.failures == [Failure(sent[0][1].event_id, 5, "bad", None)]
+    assert outcome.failures == [Failure(sent[0].message.event_id, 5, "bad", None)]
     # A dead event no longer holds its key back.
     assert outcome.blocked == set()
     assert outcome.retry == [sent[1]]
-    assert outcome.published == [sent[2][1].event_id]
+    assert outcome.published == [sent[2].message.event_id]
 
 
 def test_attempts_beyond_max_are_dead_too():
@@ -272,8 +269,11 @@ def test_keyless_events_never_wait():
     results = [PermanentPublishError("bad"), None, PermanentPublishError("bad")]
     outcome = _classify(sent, results)
     assert outcome.blocked == set()
-    assert outcome.published == [sent[1][1].event_id]
-    assert [f.event_id for f in outcome.failures] == [sent[0][1].event_id, sent[2][1].event_id]
+    assert outcome.published == [sent[1].message.event_id]
+    assert [f.event_id for f in outcome.failures] == [
+        sent[0].message.event_id,
+        sent[2].message.event_id,
+    ]
     assert all(f.next_attempt_at is not None and f.next_attempt_at > NOW for f in outcome.failures)
 
 
@@ -287,20 +287,29 @@ def test_each_key_is_independent():
         None,
     ]
     outcome = _classify(sent, results)
-    assert outcome.blocked == {"a"}
+    assert outcome.blocked == {"orders\na"}
     assert outcome.retry == [sent[1], sent[3]]
-    assert outcome.published == [sent[4][1].event_id]
-    assert [f.event_id for f in outcome.failures] == [sent[0][1].event_id]
+    assert outcome.published == [sent[4].message.event_id]
+    assert [f.event_id for f in outcome.failures] == [sent[0].message.event_id]
 
 
 def test_odd_attempts_value_counts_from_zero():
-    doc = {"_id": ObjectId(), "key": "k", "attempts": "many"}
-    message = Message(doc["_id"], "t", b"", "k", {})
-    outcome = _classify([(doc, message)], [PermanentPublishError("x")])
+    doc = {
+        "_id": ObjectId(),
+        "type": "T",
+        "topic": "orders",
+        "key": "k",
+        "payload": b"",
+        "created_at": NOW,
+        "attempts": "many",
+    }
+    event = to_event(doc, None)
+    assert isinstance(event, Event)
+    outcome = _classify([event], [PermanentPublishError("x")])
     assert outcome.failures[0].attempts == 1
 
 
-# -- retry_delay -----------------------------------------------------------------------------
+# -- Backoff -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -315,16 +324,16 @@ def test_odd_attempts_value_counts_from_zero():
         (60, 1.0, 300.0, 300.0),
     ],
 )
-def test_retry_delay_bounds(attempts, initial, maximum, base):
-    delays = [retry_delay(attempts, initial, maximum) for _ in range(200)]
+def test_backoff_bounds(attempts, initial, maximum, base):
+    delays = [Backoff(initial, maximum).delay(attempts) for _ in range(200)]
     assert all(0.5 * base <= d <= base for d in delays)
     assert max(delays) - min(delays) > 0  # jittered, not constant
 
 
-def test_retry_delay_is_capped_for_huge_attempt_counts():
+def test_backoff_is_capped_for_huge_attempt_counts():
     # 2.0 ** 1999 would overflow a float; the delay must still be capped at the maximum.
     for attempts in (1025, 2000, 10**6):
-        assert 150.0 <= retry_delay(attempts, 1.0, 300.0) <= 300.0
+        assert 150.0 <= Backoff(1.0, 300.0).delay(attempts) <= 300.0
 
 
 # -- ordering slots: a key on a topic -------------------------------------------------------

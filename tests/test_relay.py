@@ -12,6 +12,7 @@ from helpers import wait_for
 from pymongo import MongoClient
 
 from mongo_outbox import ValidationError, outbox_transaction
+from mongo_outbox._admin import OutboxAdmin
 from mongo_outbox._store import OutboxStore
 
 
@@ -74,8 +75,8 @@ def test_thousand_events_over_ten_keys_arrive_in_order(client, db_name, pubsub, 
     written = _write_events(client, db_name, keys=10, count=1000, per_tx=4)
     received = sub.pull_until(1000)
     _assert_delivered(written, received)
-    wait_for(lambda: OutboxStore(client[db_name]).counts()["published"] == 1000)
-    assert OutboxStore(client[db_name]).counts() == {"pending": 0, "published": 1000, "dead": 0}
+    wait_for(lambda: OutboxAdmin(client[db_name]).counts()["published"] == 1000)
+    assert OutboxAdmin(client[db_name]).counts() == {"pending": 0, "published": 1000, "dead": 0}
     relay.stop()
     assert relay.relay.stats.published == 1000
     # The quiet steady state publishes nothing twice.
@@ -186,7 +187,7 @@ def test_run_once_drains_and_returns(client, db_name, pubsub, relay_factory):
     runner = relay_factory(db_name, default_topic=topic, start=False)
     assert runner.relay.run_once() == 25
     _assert_delivered(written, sub.pull_until(25))
-    assert OutboxStore(client[db_name]).counts()["pending"] == 0
+    assert OutboxAdmin(client[db_name]).counts()["pending"] == 0
     assert OutboxStore(client[db_name]).load_state("default").get("resume_token") is not None
 
 

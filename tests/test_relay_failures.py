@@ -9,7 +9,7 @@ from bson import ObjectId
 from helpers import wait_for
 
 from mongo_outbox import InMemoryPublisher, outbox_transaction
-from mongo_outbox._store import OutboxStore
+from mongo_outbox._admin import OutboxAdmin
 
 
 def test_failing_key_holds_its_later_events_while_other_keys_flow(client, db_name, relay_factory):
@@ -37,7 +37,7 @@ def test_failing_key_holds_its_later_events_while_other_keys_flow(client, db_nam
     wait_for(lambda: same_key_elsewhere in [m.event_id for m in memory.messages])
     assert client[db_name].outbox.find_one({"_id": even_later})["status"] == "pending"
     memory.heal_topic("broken")
-    wait_for(lambda: OutboxStore(client[db_name]).counts()["pending"] == 0, timeout=30)
+    wait_for(lambda: OutboxAdmin(client[db_name]).counts()["pending"] == 0, timeout=30)
     k_order = [m.event_id for m in memory.messages if m.topic == "broken"]
     assert k_order == [blocker, *k_later, even_later]
     relay.stop()

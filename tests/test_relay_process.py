@@ -10,6 +10,7 @@ import sys
 from helpers import wait_for
 
 from mongo_outbox import outbox_transaction
+from mongo_outbox._admin import OutboxAdmin
 from mongo_outbox._store import OutboxStore
 
 
@@ -44,7 +45,7 @@ def test_once_publishes_pending_and_exits_zero(client, db_name, pubsub, mongodb_
     assert proc.returncode == 0, out
     got = sub.pull_until(20)
     assert [m.attributes["outbox_event_id"] for m in got] == [str(i) for i in ids]
-    assert OutboxStore(client[db_name]).counts()["pending"] == 0
+    assert OutboxAdmin(client[db_name]).counts()["pending"] == 0
 
 
 def test_sigterm_finishes_checkpoints_and_exits_zero(client, db_name, pubsub, mongodb_uri):
@@ -55,7 +56,7 @@ def test_sigterm_finishes_checkpoints_and_exits_zero(client, db_name, pubsub, mo
         with outbox_transaction(client, database=db_name) as tx:
             tx.emit("E", b"x", key="k")
         sub.pull_until(1, timeout=60)
-        wait_for(lambda: OutboxStore(client[db_name]).counts()["published"] == 1)
+        wait_for(lambda: OutboxAdmin(client[db_name]).counts()["published"] == 1)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -86,7 +87,7 @@ def test_create_topics_flag(client, db_name, pubsub, mongodb_uri):
     proc = _relay(env, "--once")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    assert OutboxStore(client[db_name]).counts()["published"] == 1
+    assert OutboxAdmin(client[db_name]).counts()["published"] == 1
     topics = [
         t.name for t in pubsub.publisher_client.list_topics(project=f"projects/{pubsub.project}")
     ]

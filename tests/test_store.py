@@ -1,4 +1,4 @@
-"""Unit tests of ``OutboxStore`` queries and updates on mongomock.
+"""Unit tests of ``OutboxStore`` and ``OutboxAdmin`` queries and updates on mongomock.
 
 mongomock has neither sessions nor change streams nor snapshot reads: ``pending(at=...)``,
 transactions and the relay are covered by the integration tests on a real replica set.
@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import datetime as dt
 
+import bson
 import mongomock
 import pytest
 from bson import ObjectId
 
+from mongo_outbox import ConfigurationError
 from mongo_outbox import _event as ev
+from mongo_outbox._admin import OutboxAdmin
 from mongo_outbox._store import (
     PENDING_INDEX,
     PUBLISH_PROJECTION,
@@ -59,6 +62,11 @@ def store(db):
     return OutboxStore(db)
 
 
+@pytest.fixture
+def admin(db):
+    return OutboxAdmin(db)
+
+
 def _event(n: int, *, status: str = "pending", key: str | None = None, **extra):
     doc = ev.build_document(
         f"Event{n}",
@@ -97,7 +105,7 @@ def test_ensure_indexes_creates_collections_and_index_idempotently(db):
 
 def test_ensure_indexes_with_a_client_needs_a_database():
     client = mongomock.MongoClient()
-    with pytest.raises(ValueError, match="database is required"):
+    with pytest.raises(ConfigurationError, match="database is required"):
         ensure_indexes(client)
     ensure_indexes(client, "shop", "events")
     assert {"events", "events_relay_state"} <= set(client.shop.list_collection_names())
@@ -106,7 +114,8 @@ def test_ensure_indexes_with_a_client_needs_a_database():
 # -- pending ---------------------------------------------------------------------------------
 
 
-def test_pending_returns_only_pending_in_id_order(store):
+def test_pending_returns_only_pending_in_id_order(real_store):
+    store = real_store
     # Inserted out of order: the result must follow _id, not insertion order.
     store.outbox.insert_many(
         [
@@ -121,11 +130,19 @@ def test_pending_returns_only_pending_in_id_order(store):
     assert [d["_id"] for d in docs] == [ObjectId(f"{n:024x}") for n in (1, 3, 5)]
 
 
+@pytest.fixture
+def real_store(client, db_name):
+    """A store on the real replica set: the relay reads pending events as raw BSON, which
+    mongomock cannot return."""
+    return OutboxStore(client[db_name])
+
+
 def _pending(store, batch_size):
-    return [doc for batch in store.pending_batches(batch_size) for doc in batch]
+    return [bson.decode(doc.raw) for batch in store.pending_batches(batch_size) for doc in batch]
 
 
-def test_pending_projects_only_what_publishing_needs(store):
+def test_pending_projects_only_what_publishing_needs(real_store):
+    store = real_store
     store.outbox.insert_one(
         _event(1, key="k", attempts=2, last_error="refused", next_attempt_at=_at(100))
     )
@@ -144,7 +161,8 @@ def test_pending_projects_only_what_publishing_needs(store):
     assert message.attributes["outbox_event_type"] == "Event1"
 
 
-def test_pending_on_an_empty_outbox(store):
+def test_pending_on_an_empty_outbox(real_store):
+    store = real_store
     assert _pending(store, 100) == []
 
 
@@ -232,12 +250,12 @@ def test_record_failures_with_nothing_does_nothing(store):
     assert store.outbox.count_documents({}) == 0
 
 
-# -- counts, oldest_pending, newest_errors ---------------------------------------------------
+# -- OutboxAdmin: counts, oldest_pending, newest_errors ------------------------------------
 
 
-def test_counts(store):
-    assert store.counts() == {"pending": 0, "published": 0, "dead": 0}
-    store.outbox.insert_many(
+def test_counts(admin):
+    assert admin.counts() == {"pending": 0, "published": 0, "dead": 0}
+    admin.outbox.insert_many(
         [
             _event(1),
             _event(2),
@@ -246,26 +264,26 @@ def test_counts(store):
             _event(5),
         ]
     )
-    assert store.counts() == {"pending": 3, "published": 1, "dead": 1}
+    assert admin.counts() == {"pending": 3, "published": 1, "dead": 1}
 
 
-def test_oldest_pending(store):
-    assert store.oldest_pending() is None
-    store.outbox.insert_many([_event(3), _event(1, status="published"), _event(2)])
-    oldest = store.oldest_pending()
+def test_oldest_pending(admin):
+    assert admin.oldest_pending() is None
+    admin.outbox.insert_many([_event(3), _event(1, status="published"), _event(2)])
+    oldest = admin.oldest_pending()
     assert oldest == {"_id": ObjectId(f"{2:024x}"), "created_at": _at(2)}
 
 
-def test_newest_errors(store):
-    assert store.newest_errors() == []
-    store.outbox.insert_many(
+def test_newest_errors(admin):
+    assert admin.newest_errors() == []
+    admin.outbox.insert_many(
         [
             _event(n, status="dead", key=f"k{n}", attempts=10, last_error=f"e{n}")
             for n in range(1, 8)
         ]
         + [_event(8, last_error="pending error"), _event(9, status="published")]
     )
-    errors = store.newest_errors()
+    errors = admin.newest_errors()
     assert [e["_id"] for e in errors] == [ObjectId(f"{n:024x}") for n in (7, 6, 5, 4, 3)]
     assert errors[0] == {
         "_id": ObjectId(f"{7:024x}"),
@@ -274,7 +292,7 @@ def test_newest_errors(store):
         "attempts": 10,
         "last_error": "e7",
     }
-    assert [e["_id"] for e in store.newest_errors(limit=2)] == [
+    assert [e["_id"] for e in admin.newest_errors(limit=2)] == [
         ObjectId(f"{7:024x}"),
         ObjectId(f"{6:024x}"),
     ]
@@ -312,20 +330,20 @@ def test_save_token_keeps_other_state_fields(store):
     assert state["resume_token"] == {"_data": "01"}
 
 
-def test_reset_token(store):
+def test_reset_token(store, admin):
     store.save_token("default", {"_data": "01"}, _at(1))
     store.save_token("other", {"_data": "02"}, _at(1))
-    assert store.reset_token("default") is True
+    assert admin.reset_token("default") is True
     state = store.load_state("default")
     assert "resume_token" not in state
     assert state["checkpoint_at"] == _at(1)
     assert store.load_state("other")["resume_token"] == {"_data": "02"}
-    assert store.reset_token("default") is False  # nothing left to reset
+    assert admin.reset_token("default") is False  # nothing left to reset
 
 
-def test_reset_token_of_an_unknown_relay_creates_nothing(store):
-    assert store.reset_token("ghost") is False
-    assert store.state.count_documents({}) == 0
+def test_reset_token_of_an_unknown_relay_creates_nothing(admin):
+    assert admin.reset_token("ghost") is False
+    assert admin.state.count_documents({}) == 0
 
 
 def test_save_token_with_a_fence_writes_only_while_it_matches(store):
@@ -360,9 +378,9 @@ def test_dead_keys(store):
     assert sorted(store.dead_keys()) == [("orders", "a"), ("orders", "b")]
 
 
-def test_requeue_all_dead_events(store):
+def test_requeue_all_dead_events(store, admin):
     store.outbox.insert_many([_dead(1), _dead(2), _event(3), _event(4, status="published")])
-    assert store.requeue() == 2
+    assert admin.requeue() == 2
     for n in (1, 2):
         doc = _get(store, n)
         assert doc["status"] == "pending"
@@ -372,20 +390,31 @@ def test_requeue_all_dead_events(store):
         assert isinstance(doc["requeued_at"], dt.datetime)
     assert _get(store, 4)["status"] == "published"
     assert "requeued_at" not in _get(store, 3)
-    assert store.requeue() == 0
+    assert admin.requeue() == 0
 
 
-def test_requeue_filters_must_all_match(store):
+def test_requeue_filters_must_all_match(store, admin):
     store.outbox.insert_many(
         [_dead(1, key="a"), _dead(2, key="a"), _dead(3, key="b"), _dead(4, key="a")]
     )
-    assert store.requeue(key="a", event_type="Event2") == 1
+    assert admin.requeue(key="a", event_type="Event2") == 1
     assert _get(store, 2)["status"] == "pending"
-    assert store.requeue(ids=[ObjectId(f"{3:024x}"), ObjectId(f"{1:024x}")], key="b") == 1
+    assert admin.requeue(ids=[ObjectId(f"{3:024x}"), ObjectId(f"{1:024x}")], key="b") == 1
     assert _get(store, 3)["status"] == "pending"
     assert _get(store, 1)["status"] == "dead"
     # created_at of event n is T0 + n seconds.
-    assert store.requeue(older_than=_at(2)) == 1
+    assert admin.requeue(older_than=_at(2)) == 1
     assert _get(store, 1)["status"] == "pending"
     assert _get(store, 4)["status"] == "dead"
-    assert store.counts() == {"pending": 3, "published": 0, "dead": 1}
+    assert admin.counts() == {"pending": 3, "published": 0, "dead": 1}
+
+
+def test_requeue_ids_of_any_type(store, admin):
+    store.outbox.insert_many(
+        [{**_dead(1), "_id": "abc"}, {**_dead(2), "_id": 42}, _dead(3), {**_dead(4), "_id": "42"}]
+    )
+    assert admin.requeue(ids=["abc", 42]) == 2
+    assert store.outbox.find_one({"_id": "abc"})["status"] == "pending"
+    assert store.outbox.find_one({"_id": 42})["status"] == "pending"
+    assert store.outbox.find_one({"_id": "42"})["status"] == "dead"
+    assert admin.counts() == {"pending": 2, "published": 0, "dead": 2}

@@ -22,8 +22,14 @@ class Publisher(Protocol):
     Every message has a topic (the relay applies its default before calling).
     """
 
-    def publish(self, messages: Sequence[Message]) -> list[PublishError | None]:
-        """Publish ``messages`` and wait until each is confirmed or has failed."""
+    def publish(
+        self, messages: Sequence[Message], *, timeout: float | None = None
+    ) -> list[PublishError | None]:
+        """Publish ``messages`` and wait until each is confirmed or has failed.
+
+        ``timeout`` (seconds) bounds the whole call: the relay passes what is left of its
+        lease. Messages not confirmed in time are reported with a transient error.
+        """
         ...
 
     def close(self) -> None:

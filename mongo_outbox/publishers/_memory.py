@@ -36,7 +36,9 @@ class InMemoryPublisher:
         """Let publishes to ``topic`` succeed again."""
         self.fail_topics.pop(topic, None)
 
-    def publish(self, messages: Sequence[Message]) -> list[PublishError | None]:
+    def publish(
+        self, messages: Sequence[Message], *, timeout: float | None = None
+    ) -> list[PublishError | None]:
         """Record the messages; a failed key stops its later messages on that topic."""
         results: list[PublishError | None] = []
         failed_keys: dict[tuple[str | None, str], PublishError] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,8 +103,15 @@ class PubSubPublisher:
             self._client.create_topic(name=path, timeout=self._timeout)
         self._known_topics.add(path)
 
-    def publish(self, messages: Sequence[Message]) -> list[PublishError | None]:
-        """Publish ``messages``, one request per topic and chunk, in order."""
+    def publish(
+        self, messages: Sequence[Message], *, timeout: float | None = None
+    ) -> list[PublishError | None]:
+        """Publish ``messages``, one request per topic and chunk, in order.
+
+        Each request waits at most ``timeout`` (the constructor's), and all of them together
+        at most the ``timeout`` given here.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         results: list[PublishError | None] = [None] * len(messages)
         by_topic: dict[str, list[int]] = {}
         for i, message in enumerate(messages):
@@ -112,7 +120,7 @@ class PubSubPublisher:
                 continue
             by_topic.setdefault(self.topic_path(message.topic), []).append(i)
         for path, indexes in by_topic.items():
-            self._publish_topic(path, messages, indexes, results)
+            self._publish_topic(path, messages, indexes, results, deadline)
         return results
 
     def _publish_topic(
@@ -121,6 +129,7 @@ class PubSubPublisher:
         messages: Sequence[Message],
         indexes: list[int],
         results: list[PublishError | None],
+        deadline: float | None,
     ) -> None:
         if self._create_topics and path not in self._known_topics:
             try:
@@ -135,27 +144,52 @@ class PubSubPublisher:
                 return
         failed_keys: dict[str, PublishError] = {}
         for chunk in _chunks(messages, indexes):
-            sendable = []
-            for i in chunk:
-                key = messages[i].ordering_key
-                if key is not None and key in failed_keys:
-                    results[i] = TransientPublishError(
-                        f"held behind an earlier failed event of key {key!r}"
-                    )
-                else:
-                    sendable.append(i)
-            if not sendable:
-                continue
-            sent = self._send(path, [messages[i] for i in sendable])
-            if sent is None:
-                continue
-            for i in sendable:
-                results[i] = sent
-                key = messages[i].ordering_key
-                if key is not None:
-                    failed_keys.setdefault(key, sent)
+            self._send_chunk(path, messages, chunk, results, failed_keys, deadline)
 
-    def _send(self, path: str, batch: list[Message]) -> PublishError | None:
+    def _send_chunk(
+        self,
+        path: str,
+        messages: Sequence[Message],
+        chunk: list[int],
+        results: list[PublishError | None],
+        failed_keys: dict[str, PublishError],
+        deadline: float | None,
+    ) -> None:
+        """Send one request; if the broker refuses it, split it so that only the message at
+        fault is charged, never its neighbours."""
+        sendable = []
+        for i in chunk:
+            key = messages[i].ordering_key
+            if key is not None and key in failed_keys:
+                results[i] = TransientPublishError(
+                    f"held behind an earlier failed event of key {key!r}"
+                )
+            else:
+                sendable.append(i)
+        if not sendable:
+            return
+        error = self._send(path, [messages[i] for i in sendable], deadline)
+        if error is None:
+            return
+        if len(sendable) > 1 and isinstance(error.__cause__, gexc.BadRequest):
+            middle = len(sendable) // 2
+            self._send_chunk(path, messages, sendable[:middle], results, failed_keys, deadline)
+            self._send_chunk(path, messages, sendable[middle:], results, failed_keys, deadline)
+            return
+        for i in sendable:
+            results[i] = error
+            key = messages[i].ordering_key
+            if key is not None:
+                failed_keys.setdefault(key, error)
+
+    def _send(self, path: str, batch: list[Message], deadline: float | None) -> PublishError | None:
+        timeout = self._timeout
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                return TransientPublishError(
+                    f"publish to {path} not sent: no time left in the relay's lease"
+                )
         request = _PB_REQUEST(
             topic=path,
             messages=[
@@ -164,9 +198,7 @@ class PubSubPublisher:
             ],
         )
         try:
-            self._client.publish(
-                request=PublishRequest.wrap(request), retry=None, timeout=self._timeout
-            )
+            self._client.publish(request=PublishRequest.wrap(request), retry=None, timeout=timeout)
         except Exception as exc:
             return map_google_error(exc, path)
         return None

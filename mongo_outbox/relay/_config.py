@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .._errors import ConfigurationError
+
 __all__ = ["RelayConfig"]
 
 
@@ -39,8 +41,14 @@ class RelayConfig:
     #: Backoff of transient publish errors and lost connections (retried without end).
     transient_initial: float = 0.2
     transient_max: float = 30.0
-    #: Events queued between the change stream reader and the publisher.
+    #: Most bytes (as BSON) of the events published together; at least one event goes.
+    max_batch_bytes: int = 20_000_000
+    #: Events, and bytes of them, queued between the change stream reader and the publisher.
     queue_size: int = 4000
+    queue_bytes: int = 40_000_000
+    #: Seconds a topic may keep failing transiently before it is isolated (its events wait,
+    #: other topics go on).
+    isolate_after: float = 30.0
     #: Seconds a relay's lease lasts without renewal; a standby takes over after it expires.
     lease_ttl: float = 15.0
     #: Lease owner id (default: host:pid:random).
@@ -51,12 +59,14 @@ class RelayConfig:
 
     def __post_init__(self) -> None:
         if not self.database:
-            raise ValueError("database is required")
+            raise ConfigurationError("database is required")
         if self.batch_size < 1 or self.batch_size > 10_000:
-            raise ValueError("batch_size must be between 1 and 10000")
+            raise ConfigurationError("batch_size must be between 1 and 10000")
+        if self.max_batch_bytes < 1 or self.queue_bytes < 1:
+            raise ConfigurationError("max_batch_bytes and queue_bytes must be positive")
         if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
+            raise ConfigurationError("max_attempts must be at least 1")
         if self.lease_ttl <= 0:
-            raise ValueError("lease_ttl must be positive")
+            raise ConfigurationError("lease_ttl must be positive")
         if self.dead_key_policy not in ("release", "hold"):
-            raise ValueError("dead_key_policy must be 'release' or 'hold'")
+            raise ConfigurationError("dead_key_policy must be 'release' or 'hold'")

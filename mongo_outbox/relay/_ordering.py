@@ -7,16 +7,15 @@ not yet due, or held) waits too. Events without a key never wait for anything.
 from __future__ import annotations
 
 import datetime as _dt
-import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bson import ObjectId
-
 from .._errors import PublishError, TransientPublishError
-from .._event import Message, attempts_of
+from .._event import Message
 from .._store import Failure
+from ._backoff import Backoff
+from ._decode import Event
 
 __all__ = [
     "Outcome",
@@ -25,7 +24,6 @@ __all__ = [
     "classify",
     "key_of",
     "message_slot",
-    "retry_delay",
     "slot_of",
 ]
 
@@ -60,13 +58,6 @@ def message_slot(message: Message) -> str | None:
     if message.ordering_key is None:
         return None
     return f"{message.topic or ''}\n{message.ordering_key}"
-
-
-def retry_delay(attempts: int, initial: float, maximum: float) -> float:
-    """Exponential backoff with jitter for the ``attempts``-th failure (1-based)."""
-    # The exponent is capped so a huge attempt count cannot overflow the float.
-    base: float = min(maximum, initial * (2.0 ** min(max(0, attempts - 1), 64)))
-    return base * random.uniform(0.5, 1.0)
 
 
 class SweepFilter:
@@ -125,59 +116,59 @@ class SweepFilter:
 
 @dataclass
 class Outcome:
-    """What to record after a publish: published ids, failures, retries, blocked keys."""
+    """What to record after a publish: published ids, failures, retries, blocked slots."""
 
-    published: list[ObjectId] = field(default_factory=list)
+    published: list[Any] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
-    retry: list[tuple[Mapping[str, Any], Message]] = field(default_factory=list)
+    retry: list[Event] = field(default_factory=list)
     blocked: set[str] = field(default_factory=set)
+    succeeded_topics: set[str | None] = field(default_factory=set)
     dead: int = 0
 
 
 def classify(
-    sent: Sequence[tuple[Mapping[str, Any], Message]],
+    sent: Sequence[Event],
     results: Sequence[PublishError | None],
     *,
     now: _dt.datetime,
     max_attempts: int,
-    retry_initial: float,
-    retry_max: float,
+    retry: Backoff,
     hold_dead: bool = False,
-    slot: Callable[[Message], str | None] = lambda m: m.ordering_key,
 ) -> Outcome:
-    """Decide each event's fate from its publish result, keeping per-key order.
+    """Decide each event's fate from its publish result, keeping per-slot order.
 
-    A transient error sends the event, and every later event of its key, back for an
+    A transient error sends the event, and every later event of its slot, back for an
     in-process retry without counting an attempt. A permanent error counts an attempt and
-    schedules the next one (or makes the event dead at ``max_attempts``); later events of its
-    key stay pending, and the key is reported blocked. A dead event blocks its key only with
-    ``hold_dead``.
+    schedules the next one after ``retry``'s delay (or makes the event dead at
+    ``max_attempts``); later events of its slot stay pending, and the slot is reported blocked.
+    A dead event blocks its slot only with ``hold_dead``.
     """
     outcome = Outcome()
     retrying: set[str] = set()
-    for (doc, message), error in zip(sent, results, strict=True):
-        key = slot(message)
+    for event, error in zip(sent, results, strict=True):
+        message = event.message
+        key = message_slot(message)
         if key is not None and key in outcome.blocked:
             continue  # stays pending behind the failed event
         if key is not None and key in retrying:
-            outcome.retry.append((doc, message))
+            outcome.retry.append(event)
             continue
         if error is None:
             outcome.published.append(message.event_id)
+            outcome.succeeded_topics.add(message.topic)
         elif isinstance(error, TransientPublishError):
-            outcome.retry.append((doc, message))
+            outcome.retry.append(event)
             if key is not None:
                 retrying.add(key)
         else:
-            attempts = attempts_of(doc) + 1
+            attempts = event.attempts + 1
             if attempts >= max_attempts:
                 outcome.failures.append(Failure(message.event_id, attempts, str(error), None))
                 outcome.dead += 1
                 if hold_dead and key is not None:
                     outcome.blocked.add(key)
             else:
-                delay = retry_delay(attempts, retry_initial, retry_max)
-                next_at = now + _dt.timedelta(seconds=delay)
+                next_at = now + _dt.timedelta(seconds=retry.delay(attempts))
                 outcome.failures.append(Failure(message.event_id, attempts, str(error), next_at))
                 if key is not None:
                     outcome.blocked.add(key)

@@ -1,29 +1,81 @@
-"""A thread that reads the outbox change stream into a bounded queue.
+"""Open the outbox change stream and read it from a thread into a byte-bounded queue.
 
-Reading in its own thread overlaps the next getMore with publishing the current batch, and
-the bounded queue keeps memory flat when the publisher is the slower side.
+Reading in its own thread overlaps the next getMore with publishing the current batch. The
+stream is read as raw BSON and each inserted document is decoded on its own, so one document
+that cannot be decoded becomes poison instead of breaking the stream.
 """
 
 from __future__ import annotations
 
 import contextlib
-import queue
+import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from bson.errors import InvalidBSON, InvalidDocument
 from pymongo.change_stream import CollectionChangeStream
+from pymongo.errors import OperationFailure
 
-__all__ = ["Change", "Idle", "StreamFailed", "Tailer"]
+from .._store import PUBLISH_PROJECTION, OutboxStore
+from ._budget import BudgetQueue
+from ._decode import RAW, Event, Poison, decode_document
+
+__all__ = ["Change", "Idle", "StreamFailed", "Tailer", "open_stream"]
+
+log = logging.getLogger("mongo_outbox.relay")
+
+_CHANGE_PROJECTION: dict[str, int] = {
+    "_id": 1,
+    "clusterTime": 1,
+    **{f"fullDocument.{field}": 1 for field in ("_id", *PUBLISH_PROJECTION)},
+}
+_PIPELINE: list[dict[str, Any]] = [
+    {"$match": {"operationType": "insert"}},
+    # Only what publishing needs: decoding change events is the tailer's main cost.
+    {"$project": _CHANGE_PROJECTION},
+]
+
+
+def open_stream(
+    store: OutboxStore,
+    token: Mapping[str, Any] | None,
+    at: Callable[[], Any],
+    *,
+    await_seconds: float,
+    batch_size: int,
+) -> tuple[CollectionChangeStream[Any], bool]:
+    """Open the stream after ``token``, or at cluster time ``at()`` when there is none or it is
+    unusable; return the stream and whether it started without the token (a recovery)."""
+    outbox = store.outbox.with_options(codec_options=RAW)
+    options: dict[str, Any] = {
+        "max_await_time_ms": int(await_seconds * 1000),
+        "batch_size": batch_size,
+    }
+    if token is not None:
+        try:
+            stream = outbox.watch(_PIPELINE, start_after=token, **options)
+            log.info("resumed change stream from checkpoint")
+            return stream, False
+        except (OperationFailure, InvalidDocument, InvalidBSON, TypeError, ValueError) as exc:
+            log.warning(
+                "saved resume token is unusable (%s: %s): recovering by a full sweep",
+                type(exc).__name__,
+                exc,
+            )
+    else:
+        log.info("no checkpoint: recovering by a full sweep")
+    return outbox.watch(_PIPELINE, start_at_operation_time=at(), **options), True
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
     """An inserted outbox document with the stream position after it."""
 
-    doc: dict[str, Any]
+    record: Event | Poison
+    event_id: Any
     token: Mapping[str, Any] | None
     cluster_time: Any
 
@@ -47,11 +99,22 @@ Item = Change | Idle | StreamFailed
 
 
 class Tailer:
-    """Feeds a change stream's inserts into a queue from a daemon thread."""
+    """Feeds a change stream's inserts into a :class:`BudgetQueue` from a daemon thread.
 
-    def __init__(self, stream: CollectionChangeStream[Any], maxsize: int) -> None:
+    ``convert`` turns a decoded document (or poison) into what the relay publishes.
+    """
+
+    def __init__(
+        self,
+        stream: CollectionChangeStream[Any],
+        convert: Callable[[dict[str, Any] | Poison, int], Event | Poison],
+        *,
+        max_bytes: int,
+        max_items: int,
+    ) -> None:
         self._stream = stream
-        self.queue: queue.Queue[Item] = queue.Queue(maxsize)
+        self._convert = convert
+        self.queue: BudgetQueue[Item] = BudgetQueue(max_bytes, max_items)
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-tailer", daemon=True)
 
@@ -66,13 +129,10 @@ class Tailer:
         with contextlib.suppress(Exception):
             self._stream.close()
 
-    def _put(self, item: Item) -> bool:
+    def _put(self, item: Item, size: int = 0) -> bool:
         while not self._halt.is_set():
-            try:
-                self.queue.put(item, timeout=0.2)
+            if self.queue.put(item, size, timeout=0.2):
                 return True
-            except queue.Full:
-                continue
         return False
 
     def _run(self) -> None:
@@ -80,17 +140,24 @@ class Tailer:
         while not self._halt.is_set():
             try:
                 change = stream.try_next()
+                if change is None and not stream.alive:
+                    raise RuntimeError("change stream closed (invalidated)")
+                if change is None:
+                    item: Item = Idle(stream.resume_token, time.monotonic())
+                    size = 0
+                else:
+                    item, size = self._change(change, stream.resume_token)
             except BaseException as exc:
                 self._put(StreamFailed(exc))
                 return
-            if change is None and not stream.alive:
-                self._put(StreamFailed(RuntimeError("change stream closed (invalidated)")))
+            if not self._put(item, size):
                 return
-            if change is None:
-                item: Item = Idle(stream.resume_token, time.monotonic())
-            else:
-                item = Change(
-                    change["fullDocument"], stream.resume_token, change.get("clusterTime")
-                )
-            if not self._put(item):
-                return
+
+    def _change(self, change: Any, token: Mapping[str, Any] | None) -> tuple[Change, int]:
+        # Only the top level of the raw change is decoded here; fullDocument stays raw.
+        raw = change["fullDocument"]
+        size = len(raw.raw)
+        doc = decode_document(raw)
+        record = self._convert(doc, size)
+        event_id = record.event_id if isinstance(record, Poison) else record.message.event_id
+        return Change(record, event_id, token, change.get("clusterTime")), size

@@ -1,0 +1,96 @@
+"""Outbox documents as read from MongoDB become publishable events or poison.
+
+The relay reads documents as raw BSON and decodes each one on its own, so a document that
+cannot be decoded (invalid UTF-8 written by another driver, a date out of range...) is set
+aside with its reason instead of failing the batch, the stream or the sweep that carried it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import bson
+from bson.codec_options import CodecOptions, DatetimeConversion
+from bson.raw_bson import RawBSONDocument
+
+from .._errors import PoisonEventError
+from .._event import Message, attempts_of, message_from_document
+
+__all__ = ["RAW", "Event", "Poison", "decode_document", "raw_size", "to_event"]
+
+#: Codec options that leave documents undecoded (the relay decodes them one by one).
+RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
+_STRICT: CodecOptions[dict[str, Any]] = CodecOptions(
+    tz_aware=True, datetime_conversion=DatetimeConversion.DATETIME_AUTO
+)
+_LENIENT: CodecOptions[dict[str, Any]] = CodecOptions(
+    tz_aware=True,
+    datetime_conversion=DatetimeConversion.DATETIME_AUTO,
+    unicode_decode_error_handler="replace",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A pending outbox event ready to publish, its topic resolved."""
+
+    message: Message
+    attempts: int
+    #: Bytes the event takes as BSON: what memory budgets count.
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Poison:
+    """An outbox document that can never be published, with the reason it is set aside."""
+
+    event_id: Any  # the document's ``_id``, whatever its type
+    attempts: int
+    reason: str
+    size: int
+
+
+def decode_document(raw: RawBSONDocument | Mapping[str, Any]) -> dict[str, Any] | Poison:
+    """Decode one raw outbox document, or return it as :class:`Poison` naming the problem."""
+    if not isinstance(raw, RawBSONDocument):
+        return dict(raw)
+    data = raw.raw
+    try:
+        return bson.decode(data, _STRICT)
+    except Exception as exc:  # bson raises InvalidBSON, but also UnicodeError, OverflowError...
+        reason = f"cannot decode the document: {type(exc).__name__}: {exc}"
+        try:
+            doc = bson.decode(data, _LENIENT)
+        except Exception:
+            return Poison(None, 0, reason, len(data))
+        return Poison(doc.get("_id"), attempts_of(doc), reason, len(data))
+
+
+def to_event(
+    doc: dict[str, Any] | Poison, default_topic: str | None, size: int = 0
+) -> Event | Poison:
+    """Turn a decoded outbox document into an :class:`Event` with its topic resolved."""
+    if isinstance(doc, Poison):
+        return doc
+    try:
+        message = message_from_document(doc)
+    except PoisonEventError as exc:
+        return Poison(doc.get("_id"), attempts_of(doc), f"poison: {exc}", size)
+    if message.topic is None:
+        if default_topic is None:
+            return Poison(
+                message.event_id,
+                attempts_of(doc),
+                "event has no topic and the relay has no default topic (--default-topic): "
+                "requeue it once one is set",
+                size,
+            )
+        message = replace(message, topic=default_topic)
+    return Event(message, attempts_of(doc), size or message.size)
+
+
+def raw_size(raw: Any) -> int:
+    """Bytes of a raw document (0 for a decoded one)."""
+    return len(raw.raw) if isinstance(raw, RawBSONDocument) else 0

@@ -1,0 +1,164 @@
+"""Publish events in order, retry what failed transiently, record every outcome.
+
+The dispatcher owns the rules of one publish round: poison is set aside as dead at once; events
+of a held slot or an isolated topic stay ``pending``; a Publish call never outlives the lease;
+transient failures are retried in place with backoff until their topic is isolated; permanent
+ones count an attempt (see :func:`~mongo_outbox.relay._ordering.classify`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from .._errors import TransientPublishError
+from .._event import utcnow
+from .._store import Failure, OutboxStore
+from ..publishers import Publisher
+from ._backoff import Backoff
+from ._config import RelayConfig
+from ._decode import Event, Poison
+from ._gate import KeyGate, TopicBreaker
+from ._lease import Lease
+from ._ordering import classify, message_slot
+from ._pipelining import Marker
+from ._stats import RelayStats
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger("mongo_outbox.relay")
+
+
+class Dispatcher:
+    """Publishes batches of events for one relay and marks their outcomes in the background."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        store: OutboxStore,
+        lease: Lease,
+        config: RelayConfig,
+        stats: RelayStats,
+    ) -> None:
+        self._publisher = publisher
+        self._store = store
+        self._lease = lease
+        self._config = config
+        self._stats = stats
+        self._stop = threading.Event()
+        self.gate = KeyGate()
+        self.breaker = TopicBreaker(
+            config.isolate_after, Backoff(config.transient_max, max(config.retry_max, 1.0))
+        )
+        self._transient = Backoff(config.transient_initial, config.transient_max)
+        self._retry = Backoff(config.retry_initial, config.retry_max)
+        self._marker = Marker(store)
+
+    def start(self, stop: threading.Event) -> None:
+        """Begin a pipeline run (a fresh marker) that ``stop`` ends."""
+        self._stop = stop
+        self._marker = Marker(self._store)
+
+    def flush(self) -> None:
+        """Wait until every outcome is written (raises the first write error)."""
+        self._marker.flush()
+
+    def close(self) -> None:
+        """Write what is queued and stop the marker thread."""
+        self._marker.close()
+
+    def dispatch(self, records: Sequence[Event | Poison]) -> set[Any]:
+        """Publish ``records`` in order; return the ids published or set aside as dead."""
+        handled: set[Any] = set()
+        poison: list[Failure] = []
+        ready: list[Event] = []
+        for record in records:
+            if isinstance(record, Poison):
+                poison.append(Failure(record.event_id, record.attempts + 1, record.reason, None))
+                handled.add(record.event_id)
+                log.error(
+                    "outbox document %r set aside as dead: %s", record.event_id, record.reason
+                )
+                continue
+            slot = message_slot(record.message)
+            if not self.gate.admits(slot):
+                continue  # stays pending; a sweep publishes it after the event in front
+            if not self.breaker.allows(record.message.topic):
+                if slot is not None:
+                    self.gate.hold([slot])
+                continue  # its topic is isolated; a sweep retries it later
+            ready.append(record)
+        if poison:
+            self._marker.submit([], utcnow(), poison)
+            self._stats.dead += len(poison)
+        if ready:
+            handled.update(self._publish(ready))
+        return handled
+
+    def _publish(self, events: list[Event]) -> list[Any]:
+        handled: list[Any] = []
+        pending = events
+        rounds = 0
+        while pending:
+            self._lease.check()
+            log.debug("publishing %d event(s)", len(pending))
+            results = self._publisher.publish(
+                [e.message for e in pending], timeout=self._lease.remaining()
+            )
+            now = utcnow()
+            outcome = classify(
+                pending,
+                results,
+                now=now,
+                max_attempts=self._config.max_attempts,
+                retry=self._retry,
+                hold_dead=self._config.dead_key_policy == "hold",
+            )
+            self._marker.submit(outcome.published, now, outcome.failures)
+            handled.extend(outcome.published)
+            handled.extend(f.event_id for f in outcome.failures if f.next_attempt_at is None)
+            self._stats.published += len(outcome.published)
+            self._stats.failed += len(outcome.failures) - outcome.dead
+            self._stats.dead += outcome.dead
+            for failure in outcome.failures:
+                log.warning(
+                    "event %s failed (attempt %d%s): %s",
+                    failure.event_id,
+                    failure.attempts,
+                    ", now dead" if failure.next_attempt_at is None else "",
+                    failure.error,
+                )
+            for topic in outcome.succeeded_topics:
+                self.breaker.succeeded(topic)
+            self.gate.hold(outcome.blocked)
+            pending = self._isolate(outcome.retry)
+            if pending:
+                rounds += 1
+                first = next((e for e in results if isinstance(e, TransientPublishError)), None)
+                log.warning("%d events failed transiently (%s); retrying", len(pending), first)
+                if self._stop.wait(self._transient.delay(rounds)):
+                    break  # stopping: what is left stays pending for the next start
+        return handled
+
+    def _isolate(self, retry: list[Event]) -> list[Event]:
+        """Drop the events of topics that have failed for too long; hold their slots."""
+        failing = {e.message.topic for e in retry}
+        isolated = {t for t in failing if self.breaker.failed(t)}
+        if not isolated:
+            return retry
+        log.warning(
+            "topic(s) %s keep failing transiently: isolated for now (their events wait, other "
+            "topics go on)",
+            ", ".join(sorted(t or "?" for t in isolated)),
+        )
+        kept = []
+        for event in retry:
+            if event.message.topic in isolated:
+                slot = message_slot(event.message)
+                if slot is not None:
+                    self.gate.hold([slot])
+            else:
+                kept.append(event)
+        return kept

@@ -1,0 +1,69 @@
+"""Holding the lease: wait as a standby until it is ours, keep it renewed while working."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pymongo.errors import OperationFailure, PyMongoError
+
+from ._lease import Lease
+
+__all__ = ["await_lease", "keep_renewed", "release_lease"]
+
+log = logging.getLogger("mongo_outbox.relay")
+
+
+def await_lease(lease: Lease, stop: threading.Event, timeout: float | None) -> bool:
+    """Wait as a standby until ``lease`` is ours; False if stopped or timed out."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    announced = False
+    while not stop.is_set():
+        try:
+            if lease.try_acquire():
+                return True
+        except OperationFailure:
+            pass  # the lease has logged what the server said
+        except PyMongoError as exc:
+            log.warning("cannot reach MongoDB to take the lease: %s", exc)
+        if not announced:
+            log.info("standby: another relay holds the lease of %r", lease.name)
+            announced = True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        stop.wait(min(1.0, lease.ttl / 4))
+    return False
+
+
+@contextmanager
+def keep_renewed(lease: Lease) -> Iterator[None]:
+    """Renew ``lease`` every quarter of its ttl from a thread while the block runs."""
+    halt = threading.Event()
+
+    def renew() -> None:
+        while not halt.wait(lease.ttl / 4):
+            try:
+                if not lease.renew():
+                    return
+                lease.warn_other_relays()
+            except PyMongoError as exc:
+                log.warning("lease renewal failed: %s", exc)
+
+    thread = threading.Thread(target=renew, name="outbox-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        halt.set()
+        thread.join()
+
+
+def release_lease(lease: Lease) -> None:
+    """Give the lease up (it expires by itself if MongoDB cannot be reached)."""
+    try:
+        lease.release()
+    except PyMongoError as exc:
+        log.warning("could not release the lease (it expires by itself): %s", exc)

@@ -1,0 +1,113 @@
+"""Sweeps: read the ``pending`` events in ``_id`` order and publish those that may go now.
+
+The start-up sweep takes every due event; periodic sweeps leave young events to the change
+stream and pick up stragglers, due retries and the events held behind a failure. A snapshot
+that grows too old while a long sweep reads it (SnapshotTooOld) is left for a new one that
+resumes after the last ``_id`` handled, never from the start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bson import Timestamp
+from pymongo.errors import OperationFailure
+
+from .._event import utcnow
+from .._store import OutboxStore
+from ._config import RelayConfig
+from ._decode import Event, Poison, decode_document, raw_size, to_event
+from ._dispatch import Dispatcher
+from ._ordering import SweepFilter, slot_of
+from ._pipelining import prefetch
+
+__all__ = ["SweepResult", "Sweeper"]
+
+log = logging.getLogger("mongo_outbox.relay")
+
+_SNAPSHOT_TOO_OLD = 239
+
+
+@dataclass
+class SweepResult:
+    """What a sweep handled, and the cluster time its last read was at."""
+
+    handled: set[Any] = field(default_factory=set)
+    read_at: Timestamp | None = None
+    done: float = 0.0
+    resumed: int = 0
+
+
+class Sweeper:
+    """Sweeps one outbox through a :class:`Dispatcher`, batches bounded by count and bytes."""
+
+    def __init__(
+        self,
+        store: OutboxStore,
+        dispatcher: Dispatcher,
+        config: RelayConfig,
+        cluster_time: Callable[[], Timestamp],
+    ) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+        self._config = config
+        self._cluster_time = cluster_time
+
+    def _slot(self, doc: Any) -> str | None:
+        return slot_of(doc, self._config.default_topic)
+
+    def sweep(self, *, grace: float | None, at: Timestamp, stop: threading.Event) -> SweepResult:
+        """Publish the admissible pending events as of cluster time ``at``."""
+        config = self._config
+        gate = self._dispatcher.gate
+        dead = self._store.dead_keys() if config.dead_key_policy == "hold" else ()
+        dead_slots = [s for t, k in dead if (s := self._slot({"topic": t, "key": k}))]
+        filt = SweepFilter(utcnow(), grace, gate.held, dead_slots, slot=self._slot)
+        # The stream is not consumed during a sweep: the gate is rebuilt from what it finds.
+        gate.replace(())
+        result = SweepResult(read_at=at)
+        batch: list[Event | Poison] = []
+        size = 0
+        after: Any = None
+        while not stop.is_set():
+            try:
+                for raws in prefetch(
+                    self._store.pending_batches(config.batch_size, at=result.read_at, after=after),
+                    depth=2,
+                ):
+                    for raw in raws:
+                        if stop.is_set():
+                            break
+                        doc = decode_document(raw)
+                        event_id = doc.event_id if isinstance(doc, Poison) else doc.get("_id")
+                        if event_id is not None:
+                            after = event_id
+                        if isinstance(doc, dict) and not filt.admit(doc):
+                            continue
+                        record = to_event(doc, config.default_topic, raw_size(raw))
+                        batch.append(record)
+                        size += record.size
+                        if len(batch) >= config.batch_size or size >= config.max_batch_bytes:
+                            result.handled |= self._dispatcher.dispatch(batch)
+                            batch, size = [], 0
+                    if stop.is_set():
+                        break
+                break
+            except OperationFailure as exc:
+                if exc.code != _SNAPSHOT_TOO_OLD:
+                    raise
+                result.resumed += 1
+                result.read_at = self._cluster_time()
+                log.warning(
+                    "sweep snapshot became too old; resuming after _id %r at a newer one", after
+                )
+        if batch and not stop.is_set():
+            result.handled |= self._dispatcher.dispatch(batch)
+        gate.hold(filt.waiting)
+        result.done = time.monotonic()
+        return result
