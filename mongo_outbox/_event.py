@@ -54,6 +54,8 @@ STATUS_DEAD = "dead"
 # A topic id, or a full "projects/<p>/topics/<t>" path.
 _TOPIC_ID = r"[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}"
 _TOPIC_RE = re.compile(rf"(?:projects/[a-z][a-z0-9\-.:]{{4,62}}/topics/)?{_TOPIC_ID}")
+# Topics that passed check_topic: the relay checks every document it reads.
+_GOOD_TOPICS: set[str] = set()
 
 
 def _json_default(value: Any) -> Any:
@@ -143,23 +145,29 @@ def _encode_text(value: str, what: str) -> bytes:
 
 
 def _utf8_len(value: str, what: str = "a string") -> int:
+    if value.isascii():  # the common case, and no lone surrogate is ASCII
+        return len(value)
     return len(_encode_text(value, what))
 
 
-def _check_type(event_type: Any) -> str:
+def _check_type(event_type: Any) -> int:
+    """The size in bytes of a valid event type."""
     if not isinstance(event_type, str) or not event_type:
         raise ValidationError(f"event type must be a non-empty str, got {event_type!r}")
-    if _utf8_len(event_type, "event type") > MAX_TYPE_BYTES:
+    size = _utf8_len(event_type, "event type")
+    if size > MAX_TYPE_BYTES:
         raise ValidationError(
             f"event type is longer than {MAX_TYPE_BYTES} bytes (it is sent as an attribute value)"
         )
-    return event_type
+    return size
 
 
 def check_topic(topic: Any) -> str | None:
     """Return ``topic`` if it is None or a valid Pub/Sub topic id or path."""
     if topic is None:
         return None
+    if isinstance(topic, str) and topic in _GOOD_TOPICS:
+        return topic
     if not isinstance(topic, str) or not _TOPIC_RE.fullmatch(topic):
         raise ValidationError(
             f"invalid topic {topic!r}: use a topic id (3-255 characters: letters, digits, "
@@ -167,25 +175,30 @@ def check_topic(topic: Any) -> str | None:
         )
     if topic.rsplit("/", 1)[-1].startswith("goog"):
         raise ValidationError(f"invalid topic {topic!r}: topic ids must not start with 'goog'")
+    if len(_GOOD_TOPICS) < 4096:  # a few topics in practice; the bound keeps memory flat
+        _GOOD_TOPICS.add(topic)
     return topic
 
 
-def _check_key(key: Any) -> str | None:
+def _check_key(key: Any) -> tuple[str | None, int]:
+    """The ordering key, checked, and its size in bytes."""
     if key is None:
-        return None
+        return None, 0
     if not isinstance(key, str) or not key:
         raise ValidationError(f"ordering key must be a non-empty str or None, got {key!r}")
-    if _utf8_len(key, "ordering key") > MAX_ORDERING_KEY_BYTES:
+    size = _utf8_len(key, "ordering key")
+    if size > MAX_ORDERING_KEY_BYTES:
         raise ValidationError(
-            f"ordering key is {_utf8_len(key)} bytes; Pub/Sub allows at most "
+            f"ordering key is {size} bytes; Pub/Sub allows at most "
             f"{MAX_ORDERING_KEY_BYTES}: use a shorter key (a hash of it, for instance)"
         )
-    return key
+    return key, size
 
 
-def _check_attributes(attributes: Any) -> dict[str, str]:
+def _check_attributes(attributes: Any) -> tuple[dict[str, str], int]:
+    """The attributes, checked, and their size in bytes (names plus values)."""
     if not attributes and (attributes is None or isinstance(attributes, Mapping)):
-        return {}
+        return {}, 0
     if not isinstance(attributes, Mapping):
         raise ValidationError(
             f"attributes must be a dict of str to str, not {type(attributes).__name__}"
@@ -198,6 +211,7 @@ def _check_attributes(attributes: Any) -> dict[str, str]:
             "move the rest into the payload"
         )
     checked: dict[str, str] = {}
+    size = 0
     for name, value in attributes.items():
         if not isinstance(name, str) or not name:
             raise ValidationError(f"attribute keys must be non-empty str, got {name!r}")
@@ -215,24 +229,20 @@ def _check_attributes(attributes: Any) -> dict[str, str]:
             )
         if name in RESERVED_ATTRIBUTES:
             raise ValidationError(f"attribute key {name!r} is reserved by mongo-outbox: rename it")
-        if _utf8_len(name, f"attribute key {name!r}") > MAX_ATTRIBUTE_KEY_BYTES:
+        name_bytes = _utf8_len(name, f"attribute key {name!r}")
+        if name_bytes > MAX_ATTRIBUTE_KEY_BYTES:
             raise ValidationError(
                 f"attribute key {name[:40]!r}... is longer than {MAX_ATTRIBUTE_KEY_BYTES} bytes"
             )
-        if _utf8_len(value, f"attribute {name!r}") > MAX_ATTRIBUTE_VALUE_BYTES:
+        value_bytes = _utf8_len(value, f"attribute {name!r}")
+        if value_bytes > MAX_ATTRIBUTE_VALUE_BYTES:
             raise ValidationError(
                 f"attribute {name!r} has a value longer than {MAX_ATTRIBUTE_VALUE_BYTES} bytes: "
                 "move it into the payload"
             )
         checked[name] = value
-    return checked
-
-
-def _message_size(data: bytes, attributes: Mapping[str, str], key: str | None) -> int:
-    size = len(data) + (_utf8_len(key) if key else 0)
-    for name, value in attributes.items():
-        size += _utf8_len(name) + _utf8_len(value)
-    return size
+        size += name_bytes + value_bytes
+    return checked, size
 
 
 # Bytes taken by the three reserved attributes: names plus the longest values they can have
@@ -254,12 +264,12 @@ def _check_event(
     event_type: Any, payload: Any, topic: Any, key: Any, attributes: Any
 ) -> _CheckedEvent:
     """Every rule an event must meet to be published, shared by ``emit`` and the relay."""
-    event_type = _check_type(event_type)
+    type_bytes = _check_type(event_type)
     topic = check_topic(topic)
-    key = _check_key(key)
-    attrs = _check_attributes(attributes)
+    key, key_bytes = _check_key(key)
+    attrs, attrs_bytes = _check_attributes(attributes)
     data = encode_payload(payload)
-    size = _message_size(data, attrs, key) + _RESERVED_OVERHEAD + _utf8_len(event_type)
+    size = len(data) + key_bytes + attrs_bytes + _RESERVED_OVERHEAD + type_bytes
     if size > MAX_MESSAGE_BYTES:
         raise ValidationError(
             f"event {event_type!r} would make a {size:,}-byte message; Pub/Sub accepts at most "
@@ -307,8 +317,9 @@ class Message:
     size: int = 0
 
 
-def message_from_document(doc: Mapping[str, Any]) -> Message:
-    """Turn an outbox document into a :class:`Message`.
+def message_from_document(doc: Mapping[str, Any], default_topic: str | None = None) -> Message:
+    """Turn an outbox document into a :class:`Message`, its topic ``default_topic`` if it has
+    none.
 
     Raises :class:`PoisonEventError` naming what is wrong when the document cannot be published
     (written by hand, by another program or by an incompatible version): the fields must have
@@ -338,7 +349,8 @@ def message_from_document(doc: Mapping[str, Any]) -> Message:
     attributes[ATTR_EVENT_ID] = str(event_id)
     attributes[ATTR_EVENT_TYPE] = event_type
     attributes[ATTR_CREATED_AT] = format_timestamp(created_at)
-    return Message(event_id, event.topic, payload, event.key, attributes, event.size)
+    topic = event.topic if event.topic is not None else default_topic
+    return Message(event_id, topic, payload, event.key, attributes, event.size)
 
 
 def attempts_of(doc: Mapping[str, Any]) -> int:

@@ -8,7 +8,7 @@ aside with its reason instead of failing the batch, the stream or the sweep that
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import bson
@@ -75,19 +75,17 @@ def to_event(
     if isinstance(doc, Poison):
         return doc
     try:
-        message = message_from_document(doc)
+        message = message_from_document(doc, default_topic)
     except PoisonEventError as exc:
         return Poison(doc.get("_id"), attempts_of(doc), f"poison: {exc}", size)
     if message.topic is None:
-        if default_topic is None:
-            return Poison(
-                message.event_id,
-                attempts_of(doc),
-                "event has no topic and the relay has no default topic (--default-topic): "
-                "requeue it once one is set",
-                size,
-            )
-        message = replace(message, topic=default_topic)
+        return Poison(
+            message.event_id,
+            attempts_of(doc),
+            "event has no topic and the relay has no default topic (--default-topic): "
+            "requeue it once one is set",
+            size,
+        )
     return Event(message, attempts_of(doc), size or message.size)
 
 
