@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from bson.errors import InvalidBSON
 from pymongo import ASCENDING
 from pymongo.collection import Collection
 from pymongo.database import Database
@@ -83,14 +84,15 @@ class OutboxAdmin:
 
     def newest_errors(self, limit: int = 5) -> list[dict[str, Any]]:
         """The most recent dead events with their reasons."""
-        return list(
-            self.outbox.find(
-                {"status": STATUS_DEAD},
-                {"type": 1, "key": 1, "attempts": 1, "last_error": 1},
-                sort=[("_id", -1)],
-                limit=limit,
-            )
-        )
+        query = {"status": STATUS_DEAD}
+        fields = {"type": 1, "key": 1, "attempts": 1, "last_error": 1}
+        try:
+            return list(self.outbox.find(query, fields, sort=[("_id", -1)], limit=limit))
+        except InvalidBSON:
+            # Poison may hold bytes that are not UTF-8: show them replaced rather than fail.
+            options = self.outbox.codec_options.with_options(unicode_decode_error_handler="replace")
+            lenient = self.outbox.with_options(codec_options=options)
+            return list(lenient.find(query, fields, sort=[("_id", -1)], limit=limit))
 
     def requeue(
         self,

@@ -50,6 +50,13 @@ class TransientPublishError(PublishError):
     """A publish failure that may succeed on retry (unavailable, deadline, quota)."""
 
 
+class NotSentError(TransientPublishError):
+    """A message a publisher did not send: its key waits behind a failure, or no time was left.
+
+    Says nothing about the broker's health, so it never counts against the message's topic.
+    """
+
+
 class PermanentPublishError(PublishError):
     """A publish failure that retrying as is will not fix (bad topic, refused message)."""
 

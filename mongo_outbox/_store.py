@@ -8,6 +8,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import bson
+import bson.errors
 from bson import ObjectId, Timestamp
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
@@ -38,6 +40,7 @@ PUBLISH_PROJECTION = {
 # InvalidOptions, TypeMismatch, FailedToParse, OperationNotSupportedInTransaction.
 _SNAPSHOT_UNUSABLE = {246, 239, 72, 14, 9, 263}
 _RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
+_ID_ONLY: CodecOptions[dict[str, Any]] = CodecOptions(unicode_decode_error_handler="replace")
 
 
 def state_collection_name(collection: str) -> str:
@@ -129,22 +132,22 @@ class OutboxStore:
         read raises ``OperationFailure`` code 239 (SnapshotTooOld).
         """
         query: dict[str, Any] = {"status": STATUS_PENDING}
-        if after is not None:
-            query["_id"] = {"$gt": after}
+        # An index bound rather than {"_id": {"$gt": after}}: $gt only matches _ids of the
+        # same BSON type, the index orders them all. The bound is inclusive: skip ``after``.
+        bounds = {"min": {"status": STATUS_PENDING, "_id": after}} if after is not None else {}
         outbox = self.outbox.with_options(codec_options=_RAW)
         if at is not None:
             try:
-                yield from self._snapshot_find(query, batch_size, at)
+                yield from _skip_first(self._snapshot_find(query, batch_size, at, bounds), after)
                 return
             except _SnapshotUnavailable:
                 pass
+        cursor_options: dict[str, Any] = {"sort": [("_id", ASCENDING)], "batch_size": batch_size}
+        if bounds:
+            cursor_options.update(hint=PENDING_INDEX, min=bounds["min"])
         if at is None:
-            yield from _batches(
-                outbox.find(
-                    query, PUBLISH_PROJECTION, sort=[("_id", ASCENDING)], batch_size=batch_size
-                ),
-                batch_size,
-            )
+            cursor = outbox.find(query, PUBLISH_PROJECTION, **cursor_options)
+            yield from _skip_first(_batches(cursor, batch_size), after)
             return
         # Without snapshot reads (servers before 5.0): a majority read from the primary that
         # waits for ``at``, so nothing committed at or before ``at`` is missed.
@@ -153,17 +156,15 @@ class OutboxStore:
         )
         with self.db.client.start_session(causal_consistency=True) as session:
             session.advance_operation_time(at)
-            cursor = outbox.find(
-                query,
-                PUBLISH_PROJECTION,
-                sort=[("_id", ASCENDING)],
-                batch_size=batch_size,
-                session=session,
-            )
-            yield from _batches(cursor, batch_size)
+            cursor = outbox.find(query, PUBLISH_PROJECTION, session=session, **cursor_options)
+            yield from _skip_first(_batches(cursor, batch_size), after)
 
     def _snapshot_find(
-        self, query: Mapping[str, Any], batch_size: int, at: Timestamp
+        self,
+        query: Mapping[str, Any],
+        batch_size: int,
+        at: Timestamp,
+        bounds: Mapping[str, Any],
     ) -> Iterator[list[RawBSONDocument]]:
         cmd = {
             "find": self.outbox.name,
@@ -173,6 +174,7 @@ class OutboxStore:
             "hint": PENDING_INDEX,
             "batchSize": batch_size,
             "readConcern": {"level": "snapshot", "atClusterTime": at},
+            **bounds,
         }
         # A cursor belongs to the session that opened it: every getMore must use the same one.
         with self.db.client.start_session(causal_consistency=False) as session:
@@ -216,21 +218,41 @@ class OutboxStore:
         return at
 
     def dead_keys(self) -> list[tuple[str | None, str]]:
-        """(topic, ordering key) pairs that have a dead event."""
-        rows = self.outbox.aggregate(
-            [
-                {"$match": {"status": STATUS_DEAD, "key": {"$type": "string"}}},
-                {"$group": {"_id": {"t": "$topic", "k": "$key"}}},
-            ]
-        )
+        """(topic, ordering key) pairs that have a dead event.
+
+        A pair that cannot be decoded (invalid UTF-8) is left out: no publishable event can
+        have it, so it holds nothing back.
+        """
+        pipeline: list[dict[str, Any]] = [
+            {"$match": {"status": STATUS_DEAD, "key": {"$type": "string"}}},
+            {"$group": {"_id": {"t": "$topic", "k": "$key"}}},
+        ]
+        try:
+            rows = list(self.outbox.aggregate(pipeline))
+        except bson.errors.InvalidBSON:
+            rows = []
+            for raw in self.outbox.with_options(codec_options=_RAW).aggregate(pipeline):
+                try:
+                    rows.append(bson.decode(raw.raw))
+                except bson.errors.InvalidBSON:
+                    continue
         return [(r["_id"].get("t"), str(r["_id"]["k"])) for r in rows]
 
     # -- relay state -----------------------------------------------------------------------
 
     def load_state(self, name: str) -> dict[str, Any]:
-        """The state document of relay ``name`` (empty if it never checkpointed)."""
-        doc: dict[str, Any] | None = self.state.find_one({"_id": name})
-        return doc or {}
+        """The state document of relay ``name`` (empty if it never checkpointed).
+
+        Strings that are not valid UTF-8 (written by hand or by another driver) are read with
+        replacement characters rather than failing.
+        """
+        return find_one_lenient(self.state, {"_id": name}) or {}
+
+    def load_token(self, name: str) -> Mapping[str, Any] | None:
+        """The saved resume token of relay ``name``; None if absent or not a usable document."""
+        doc = find_one_lenient(self.state, {"_id": name}, {"resume_token": 1}, strict_only=True)
+        token = (doc or {}).get("resume_token")
+        return token if isinstance(token, Mapping) else None
 
     def save_token(
         self,
@@ -255,15 +277,60 @@ class OutboxStore:
         return result.matched_count == 1
 
 
+def find_one_lenient(
+    collection: Collection[Any],
+    query: Mapping[str, Any],
+    projection: Mapping[str, Any] | None = None,
+    *,
+    strict_only: bool = False,
+) -> dict[str, Any] | None:
+    """``find_one``, reading strings that are not valid UTF-8 with replacement characters (or,
+    with ``strict_only``, returning None for such a document)."""
+    try:
+        doc: dict[str, Any] | None = collection.find_one(query, projection)
+        return doc
+    except bson.errors.InvalidBSON:
+        if strict_only:
+            return None
+    lenient = collection.codec_options.with_options(unicode_decode_error_handler="replace")
+    doc = collection.with_options(codec_options=lenient).find_one(query, projection)
+    return doc
+
+
+#: Bytes of raw documents per list when the server's batches are not used as they come (as a
+#: getMore reply, at most 16 MiB).
+_BATCH_BYTES = 16 * 1024 * 1024
+
+
 def _batches(docs: Iterable[RawBSONDocument], size: int) -> Iterator[list[RawBSONDocument]]:
     batch: list[RawBSONDocument] = []
+    held = 0
     for doc in docs:
         batch.append(doc)
-        if len(batch) >= size:
+        held += len(doc.raw)
+        if len(batch) >= size or held >= _BATCH_BYTES:
             yield batch
-            batch = []
+            batch, held = [], 0
     if batch:
         yield batch
+
+
+def _skip_first(
+    batches: Iterator[list[RawBSONDocument]], after: Any
+) -> Iterator[list[RawBSONDocument]]:
+    """``batches`` without a leading document whose ``_id`` is ``after`` (an inclusive bound)."""
+    if after is None:
+        yield from batches
+        return
+    first = True
+    for batch in batches:
+        if first and batch:
+            first = False
+            head = bson.decode(batch[0].raw, _ID_ONLY)
+            if head.get("_id") == after and type(head.get("_id")) is type(after):
+                batch = batch[1:]
+        if batch:
+            yield batch
 
 
 class _SnapshotUnavailable(Exception):

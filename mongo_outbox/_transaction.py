@@ -116,16 +116,13 @@ class _TransactionBase:
 
     _BLOCK = "a with block"
 
-    def __init__(
-        self, client: Any, database: str | None, collection: str, session: Any = None
-    ) -> None:
+    def __init__(self, client: Any, database: str | None, collection: str) -> None:
         self._client = client
         self._database = _database_name(client, database)
         self._collection_name = collection
         self._events = _EventBuffer()
-        # Given a session (run_in_outbox_transaction), the object lives in its transaction.
-        self._session: Any = session
-        self._refusal: str | None = None if session is not None else _NOT_STARTED
+        self._session: Any = None
+        self._refusal: str | None = _NOT_STARTED
 
     def _live_session(self, action: str) -> Any:
         if self._refusal is not None:
@@ -141,6 +138,13 @@ class _TransactionBase:
     def _check_can_enter(self) -> None:
         if self._refusal != _NOT_STARTED:
             raise OutboxError(_ALREADY_STARTED)
+
+    @classmethod
+    def _in_session(cls, client: Any, database: str | None, collection: str, session: Any) -> Any:
+        """An object live in ``session``'s transaction (run_in_outbox_transaction's ``tx``)."""
+        tx = cls(client, database, collection)
+        tx._enter(session)
+        return tx
 
     def _end(self, reason: str = _ENDED) -> None:
         """Leave the transaction for good: emit and session refuse from now on."""
@@ -203,9 +207,8 @@ class OutboxTransaction(_TransactionBase):
         collection: str = "outbox",
         *,
         write_concern: WriteConcern | None = None,
-        session: Any = None,
     ) -> None:
-        super().__init__(client, database, collection, session)
+        super().__init__(client, database, collection)
         self._write_concern = write_concern or _DEFAULT_WRITE_CONCERN
 
     def _flush(self) -> None:
@@ -277,9 +280,8 @@ class AsyncOutboxTransaction(_TransactionBase):
         collection: str = "outbox",
         *,
         write_concern: WriteConcern | None = None,
-        session: Any = None,
     ) -> None:
-        super().__init__(client, database, collection, session)
+        super().__init__(client, database, collection)
         self._write_concern = write_concern or _DEFAULT_WRITE_CONCERN
 
     async def _flush(self) -> None:
@@ -416,7 +418,7 @@ def run_in_outbox_transaction(
     with client.start_session() as session:
 
         def callback(s: Any) -> Any:
-            tx = OutboxTransaction(client, database, collection, session=s)
+            tx: OutboxTransaction = OutboxTransaction._in_session(client, database, collection, s)
             try:
                 result = fn(tx)
                 tx._flush()
@@ -438,7 +440,9 @@ async def _run_async(
     try:
 
         async def callback(s: Any) -> Any:
-            tx = AsyncOutboxTransaction(client, database, collection, session=s)
+            tx: AsyncOutboxTransaction = AsyncOutboxTransaction._in_session(
+                client, database, collection, s
+            )
             try:
                 result = await _maybe_await(fn(tx))
                 await tx._flush()

@@ -123,6 +123,7 @@ def test_oversized_document_is_dead_at_once_and_other_topics_flow(
     assert [m.attributes["outbox_event_id"] for m in received] == [str(i) for i in good]
     doc = wait_for(lambda: client[db_name].outbox.find_one({"_id": huge["_id"], "status": "dead"}))
     time_to_dead = time.monotonic() - started
+    print(f"\n[hardening] 11 MB document dead after {time_to_dead:.2f} s; 20 events flowed past")
     assert "10,000,000" in doc["last_error"]
     assert doc["attempts"] == 1
     assert time_to_dead < 10, time_to_dead  # dead at once, not after retries or timeouts
@@ -185,6 +186,7 @@ def test_sweep_survives_snapshot_too_old_and_resumes_where_it_was(
     finally:
         halt.set()
         churner.join()
+    print(f"\n[hardening] sweep resumed {relay.stats.sweep_resumes}x; {published} published")
     assert relay.stats.sweep_resumes >= 1
     ids = [m.event_id for m in publisher.messages]
     assert set(written) <= set(ids)
@@ -293,3 +295,78 @@ def test_two_relay_names_on_one_outbox_are_warned_about(client, db_name, relay_f
     assert any(f"{db_name}.outbox" in m for m in messages), messages
     first.stop()
     second.stop()
+
+
+# -- review findings: undecodable bytes anywhere the relay or status reads ---------------------
+
+
+def _raw_with(doc: dict[str, Any], placeholder: str) -> RawBSONDocument:
+    """``doc`` as raw BSON, ``placeholder`` (a str value in it) turned into invalid UTF-8."""
+    data = bson.encode(doc)
+    bad = b"\xff" * len(placeholder.encode())
+    return RawBSONDocument(data.replace(placeholder.encode(), bad))
+
+
+def test_undecodable_key_under_the_hold_policy_does_not_stop_later_sweeps(client, db_name):
+    client[db_name].outbox.insert_one(_raw_with(_doc(topic="t", key="KEYPLACE"), "KEYPLACE"))
+    config = RelayConfig(database=db_name, default_topic="t", dead_key_policy="hold")
+    first = Relay(client, InMemoryPublisher(), config)
+    assert first.run_once() == 0  # sets the bad document dead
+    good = _emit(client, db_name, 3)
+    memory = InMemoryPublisher()
+    assert Relay(client, memory, config).run_once() == 3  # reads the dead keys again
+    assert [m.event_id for m in memory.messages] == good
+
+
+def test_undecodable_bytes_in_the_state_document_do_not_stop_the_relay(client, db_name, caplog):
+    state = client[db_name].outbox_relay_state
+    state.insert_one(_raw_with({"_id": "default", "fence": "FENCEBAD", "note": "NOTEBAD"}, "BAD"))
+    good = _emit(client, db_name, 3)
+    memory = InMemoryPublisher()
+    relay = Relay(client, memory, RelayConfig(database=db_name, default_topic="t", lease_ttl=2))
+    assert relay.run_once() == 3
+    assert [m.event_id for m in memory.messages] == good
+    assert relay.lease.fence is None  # released; the fence it held was repaired to a number
+    lenient = CodecOptions(unicode_decode_error_handler="replace")
+    doc = client[db_name].get_collection("outbox_relay_state", codec_options=lenient).find_one()
+    assert isinstance(doc["fence"], int)
+    assert doc["resume_token"] is not None
+
+
+def test_poison_holds_its_key_under_the_hold_policy(client, db_name):
+    outbox = client[db_name].outbox
+    poison = _doc(topic="orders", key="k1", attributes={"n": 1})  # a non-string attribute value
+    outbox.insert_one(poison)
+    later = _emit(client, db_name, 2, key="k1", topic="orders")
+    other = _emit(client, db_name, 1, key="k2", topic="orders")
+    memory = InMemoryPublisher()
+    config = RelayConfig(database=db_name, default_topic="t", dead_key_policy="hold")
+    assert Relay(client, memory, config).run_once() == 1
+    assert [m.event_id for m in memory.messages] == other
+    assert _status(client, db_name, poison["_id"])["status"] == "dead"
+    assert all(_status(client, db_name, i)["status"] == "pending" for i in later)
+
+
+def test_status_reports_undecodable_dead_documents(client, db_name, mongodb_uri, capsys):
+    from mongo_outbox.cli import main
+
+    bad = _doc(type="TYPEBAD", key="KEYBAD", status="dead", last_error="poison: x")
+    client[db_name].outbox.insert_one(_raw_with(bad, "BAD"))
+    code = main(["status", "--mongo-uri", mongodb_uri, "--database", db_name])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert str(bad["_id"]) in out
+
+
+def test_sweep_resumed_after_a_string_id_still_reaches_object_ids(client, db_name):
+    from mongo_outbox._store import OutboxStore
+
+    outbox = client[db_name].outbox
+    outbox.insert_one(_doc(_id="a-string-id"))
+    ids = _emit(client, db_name, 3)
+    store = OutboxStore(client[db_name])
+    # String _ids sort before ObjectIds: a resume after one must still reach them, with and
+    # without a snapshot read, and not return the bound itself.
+    for at in (None, store.cluster_time()):
+        batches = store.pending_batches(10, at=at, after="a-string-id")
+        assert [bson.decode(d.raw)["_id"] for b in batches for d in b] == ids

@@ -6,11 +6,13 @@ Covers ``BudgetQueue``, ``KeyGate``/``TopicBreaker``, ``StreamSweepDedup``, deco
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
 import time
 import types
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -568,7 +570,7 @@ def test_to_event_passes_poison_through():
 
 
 class FakeStore:
-    """load_state/save_token of an OutboxStore, in memory."""
+    """load_token/save_token of an OutboxStore, in memory."""
 
     def __init__(self, token: Any = None, *, accept: bool = True) -> None:
         self.state: dict[str, Any] = {} if token is None else {"resume_token": token}
@@ -576,9 +578,10 @@ class FakeStore:
         self.loads = 0
         self.saves: list[tuple[str, Any, Any]] = []
 
-    def load_state(self, name: str) -> dict[str, Any]:
+    def load_token(self, name: str) -> Any:
         self.loads += 1
-        return dict(self.state)
+        token = self.state.get("resume_token")
+        return token if isinstance(token, Mapping) else None
 
     def save_token(self, name: str, token: Any, at: dt.datetime, fence: Any = None) -> bool:
         assert at.tzinfo is not None
@@ -820,16 +823,25 @@ def test_dispatch_poison_is_recorded_dead_and_not_published(kit):
     handled = k.dispatcher.dispatch(
         [Poison("bad-id", 2, "cannot decode the document", 10), good, Poison(None, 0, "x", 1)]
     )
-    assert handled == {"bad-id", None, good.message.event_id}
+    # A document whose _id cannot be decoded cannot be marked: it is neither handled nor
+    # counted dead (it is logged; a sweep finds it again).
+    assert handled == {"bad-id", good.message.event_id}
     assert _sent(k.publisher) == [good.message.event_id]
     k.dispatcher.flush()
-    assert k.store.failures == [
-        Failure("bad-id", 3, "cannot decode the document", None),
-        Failure(None, 1, "x", None),
-    ]
+    assert k.store.failures == [Failure("bad-id", 3, "cannot decode the document", None)]
     assert k.store.published == [[good.message.event_id]]
-    assert k.stats.dead == 2
+    assert k.stats.dead == 1
     assert k.stats.published == 1
+
+
+def test_dispatch_poison_holds_its_slot_under_the_hold_policy(kit):
+    for policy, held in (("hold", True), ("release", False)):
+        k = kit(config=dataclasses.replace(CONFIG, dead_key_policy=policy))
+        later = ev("a", "k")
+        poison = Poison("p", 0, "poison: bad", 1, message_slot(later.message))
+        k.dispatcher.dispatch([poison, later])
+        assert (_sent(k.publisher) == []) is held, policy
+        assert (not k.dispatcher.gate.admits(message_slot(later.message))) is held
 
 
 def test_dispatch_skips_events_of_a_held_slot(kit):
@@ -1161,3 +1173,30 @@ def test_pubsub_message_without_topic_fails_permanently_alone():
     assert isinstance(results[0], PermanentPublishError)
     assert results[1] is None
     assert [e for _, e in client.sent] == [_eid(messages[1])]
+
+
+class _ScriptedPublisher:
+    """Answers each publish call from a script of per-topic errors, then succeeds."""
+
+    def __init__(self, *rounds: dict[str, Any]) -> None:
+        self.rounds = list(rounds)
+
+    def publish(self, messages, *, timeout=None):
+        errors = self.rounds.pop(0) if self.rounds else {}
+        return [errors.get(m.topic) for m in messages]
+
+    def close(self) -> None:
+        pass
+
+
+def test_dispatch_does_not_count_unsent_messages_against_their_topic(kit):
+    from mongo_outbox._errors import NotSentError
+
+    config = dataclasses.replace(CONFIG, isolate_after=0.0)
+    script = {"a": TransientPublishError("a is down"), "b": NotSentError("no time left")}
+    k = kit(publisher=_ScriptedPublisher(script), config=config)
+    a, b = ev("a", "k"), ev("b", "k")
+    handled = k.dispatcher.dispatch([a, b])
+    assert not k.dispatcher.breaker.allows("a")  # really failed: isolated at once
+    assert k.dispatcher.breaker.allows("b")  # only not sent: retried, and then published
+    assert handled == {b.message.event_id}

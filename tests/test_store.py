@@ -418,3 +418,14 @@ def test_requeue_ids_of_any_type(store, admin):
     assert store.outbox.find_one({"_id": 42})["status"] == "pending"
     assert store.outbox.find_one({"_id": "42"})["status"] == "dead"
     assert admin.counts() == {"pending": 2, "published": 0, "dead": 2}
+
+
+@pytest.mark.parametrize("token", ["a string", 42, ["a", "list"], None])
+def test_load_token_ignores_a_token_of_the_wrong_shape(store, token):
+    store.state.insert_one({"_id": "default", "resume_token": token})
+    assert store.load_token("default") is None
+
+
+def test_load_token_returns_a_saved_token(store):
+    store.save_token("default", {"_data": "01"}, _at(0))
+    assert store.load_token("default") == {"_data": "01"}

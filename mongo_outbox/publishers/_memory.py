@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 
-from .._errors import PermanentPublishError, PublishError, TransientPublishError
+from .._errors import NotSentError, PermanentPublishError, PublishError, TransientPublishError
 from .._event import Message
 
 __all__ = ["InMemoryPublisher"]
@@ -49,9 +49,7 @@ class InMemoryPublisher:
                 if message.ordering_key is not None:
                     key = (message.topic, message.ordering_key)
                 if key is not None and key in failed_keys:
-                    results.append(
-                        TransientPublishError(f"ordering key {message.ordering_key!r} paused")
-                    )
+                    results.append(NotSentError(f"ordering key {message.ordering_key!r} paused"))
                     continue
                 factory = self.fail_topics.get(message.topic or "")
                 if factory is not None:

@@ -18,7 +18,13 @@ from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.pubsub_v1 import PublisherClient, PublishRequest, PubsubMessage
 
-from .._errors import ConfigurationError, PermanentPublishError, PublishError, TransientPublishError
+from .._errors import (
+    ConfigurationError,
+    NotSentError,
+    PermanentPublishError,
+    PublishError,
+    TransientPublishError,
+)
 from .._event import Message
 
 __all__ = ["PubSubPublisher"]
@@ -161,9 +167,7 @@ class PubSubPublisher:
         for i in chunk:
             key = messages[i].ordering_key
             if key is not None and key in failed_keys:
-                results[i] = TransientPublishError(
-                    f"held behind an earlier failed event of key {key!r}"
-                )
+                results[i] = NotSentError(f"held behind an earlier failed event of key {key!r}")
             else:
                 sendable.append(i)
         if not sendable:
@@ -187,7 +191,7 @@ class PubSubPublisher:
         if deadline is not None:
             timeout = min(timeout, deadline - time.monotonic())
             if timeout <= 0:
-                return TransientPublishError(
+                return NotSentError(
                     f"publish to {path} not sent: no time left in the relay's lease"
                 )
         request = _PB_REQUEST(

@@ -35,8 +35,7 @@ class Checkpoint:
     def load(self) -> Mapping[str, Any] | None:
         """The saved token (read from MongoDB the first time after :meth:`invalidate`)."""
         if not self._loaded:
-            token = self._store.load_state(self._name).get("resume_token")
-            self.token = token if isinstance(token, Mapping) else None
+            self.token = self._store.load_token(self._name)
             self._saved = self.token
             self._loaded = True
             self.saved_monotonic = time.monotonic()

@@ -17,8 +17,9 @@ from bson.raw_bson import RawBSONDocument
 
 from .._errors import PoisonEventError
 from .._event import Message, attempts_of, message_from_document
+from ._slots import slot_of
 
-__all__ = ["RAW", "Event", "Poison", "decode_document", "raw_size", "to_event"]
+__all__ = ["RAW", "Event", "Poison", "decode_document", "event_from_raw", "raw_size", "to_event"]
 
 #: Codec options that leave documents undecoded (the relay decodes them one by one).
 RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
@@ -46,13 +47,17 @@ class Event:
 class Poison:
     """An outbox document that can never be published, with the reason it is set aside."""
 
-    event_id: Any  # the document's ``_id``, whatever its type
+    event_id: Any  # the document's ``_id``, whatever its type (None: not even that decodes)
     attempts: int
     reason: str
     size: int
+    #: Its ordering slot when it can be told: under the "hold" policy it holds later events.
+    slot: str | None = None
 
 
-def decode_document(raw: RawBSONDocument | Mapping[str, Any]) -> dict[str, Any] | Poison:
+def decode_document(
+    raw: RawBSONDocument | Mapping[str, Any], default_topic: str | None = None
+) -> dict[str, Any] | Poison:
     """Decode one raw outbox document, or return it as :class:`Poison` naming the problem."""
     if not isinstance(raw, RawBSONDocument):
         return dict(raw)
@@ -65,7 +70,9 @@ def decode_document(raw: RawBSONDocument | Mapping[str, Any]) -> dict[str, Any] 
             doc = bson.decode(data, _LENIENT)
         except Exception:
             return Poison(None, 0, reason, len(data))
-        return Poison(doc.get("_id"), attempts_of(doc), reason, len(data))
+        return Poison(
+            doc.get("_id"), attempts_of(doc), reason, len(data), slot_of(doc, default_topic)
+        )
 
 
 def to_event(
@@ -77,7 +84,8 @@ def to_event(
     try:
         message = message_from_document(doc, default_topic)
     except PoisonEventError as exc:
-        return Poison(doc.get("_id"), attempts_of(doc), f"poison: {exc}", size)
+        slot = slot_of(doc, default_topic)
+        return Poison(doc.get("_id"), attempts_of(doc), f"poison: {exc}", size, slot)
     if message.topic is None:
         return Poison(
             message.event_id,
@@ -87,6 +95,11 @@ def to_event(
             size,
         )
     return Event(message, attempts_of(doc), size or message.size)
+
+
+def event_from_raw(raw: RawBSONDocument, default_topic: str | None) -> Event | Poison:
+    """Decode a raw outbox document and turn it into an :class:`Event` (or poison)."""
+    return to_event(decode_document(raw, default_topic), default_topic, len(raw.raw))
 
 
 def raw_size(raw: Any) -> int:

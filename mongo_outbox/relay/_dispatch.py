@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from .._errors import TransientPublishError
+from .._errors import NotSentError, TransientPublishError
 from .._event import utcnow
 from .._store import Failure, OutboxStore
 from ..publishers import Publisher
@@ -74,10 +74,20 @@ class Dispatcher:
         handled: set[Any] = set()
         poison: list[Failure] = []
         ready: list[Event] = []
+        hold_dead = self._config.dead_key_policy == "hold"
         for record in records:
             if isinstance(record, Poison):
+                if record.event_id is None:
+                    log.error(
+                        "an outbox document whose _id cannot be decoded cannot be set aside: "
+                        "remove it by hand (%s)",
+                        record.reason,
+                    )
+                    continue
                 poison.append(Failure(record.event_id, record.attempts + 1, record.reason, None))
                 handled.add(record.event_id)
+                if hold_dead and record.slot is not None:
+                    self.gate.hold([record.slot])  # its later events wait until it is requeued
                 log.error(
                     "outbox document %r set aside as dead: %s", record.event_id, record.reason
                 )
@@ -133,7 +143,12 @@ class Dispatcher:
             for topic in outcome.succeeded_topics:
                 self.breaker.succeeded(topic)
             self.gate.hold(outcome.blocked)
-            pending = self._isolate(outcome.retry)
+            failing = {
+                e.message.topic
+                for e, r in zip(pending, results, strict=True)
+                if isinstance(r, TransientPublishError) and not isinstance(r, NotSentError)
+            }
+            pending = self._isolate(outcome.retry, failing)
             if pending:
                 rounds += 1
                 first = next((e for e in results if isinstance(e, TransientPublishError)), None)
@@ -142,9 +157,9 @@ class Dispatcher:
                     break  # stopping: what is left stays pending for the next start
         return handled
 
-    def _isolate(self, retry: list[Event]) -> list[Event]:
-        """Drop the events of topics that have failed for too long; hold their slots."""
-        failing = {e.message.topic for e in retry}
+    def _isolate(self, retry: list[Event], failing: set[str | None]) -> list[Event]:
+        """Drop the events of ``failing`` topics that have failed for too long; hold their
+        slots."""
         isolated = {t for t in failing if self.breaker.failed(t)}
         if not isolated:
             return retry

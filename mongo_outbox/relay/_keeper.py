@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from bson.errors import BSONError
 from pymongo.errors import OperationFailure, PyMongoError
 
 from ._lease import Lease
@@ -27,6 +28,8 @@ def await_lease(lease: Lease, stop: threading.Event, timeout: float | None) -> b
                 return True
         except OperationFailure:
             pass  # the lease has logged what the server said
+        except BSONError as exc:
+            log.warning("cannot read the relay state document: %s", exc)
         except PyMongoError as exc:
             log.warning("cannot reach MongoDB to take the lease: %s", exc)
         if not announced:
@@ -49,7 +52,7 @@ def keep_renewed(lease: Lease) -> Iterator[None]:
                 if not lease.renew():
                     return
                 lease.warn_other_relays()
-            except PyMongoError as exc:
+            except (PyMongoError, BSONError) as exc:
                 log.warning("lease renewal failed: %s", exc)
 
     thread = threading.Thread(target=renew, name="outbox-lease", daemon=True)

@@ -57,13 +57,14 @@ def _acquire_pipeline(owner: str, ttl_ms: int, call: str) -> list[dict[str, Any]
     owner_ok = {"$in": [{"$type": "$lease_owner"}, ["string", *_ABSENT]]}
     expiry_ok = {"$in": [{"$type": "$lease_expires_at"}, ["date", "missing"]]}
     check = f"${_CHECK}"
-    # A bad fence restarts from its ceiling when it is a number in range, else from 0, and is
-    # always bumped: whoever held it must not pass the fenced filter again.
+    # A bad fence restarts from its ceiling when it is a number in range, else from the
+    # server's time in milliseconds (above any fence counted up from 0), and is always bumped:
+    # whoever held it must not pass the fenced filter again.
     restart = {
         "$cond": [
             {"$and": [{"$in": [fence_type, _NUMBERS]}, _in_range("$fence")]},
             {"$ceil": "$fence"},
-            0,
+            {"$toLong": "$$NOW"},
         ]
     }
     current = {"$cond": [{"$in": [fence_type, _ABSENT]}, 0, "$fence"]}
@@ -80,8 +81,8 @@ def _acquire_pipeline(owner: str, ttl_ms: int, call: str) -> list[dict[str, Any]
     was_fence = {
         "$switch": {
             "branches": [
+                # Only numbers are kept: a string may not even be valid UTF-8.
                 {"case": {"$in": [fence_type, _NUMBERS]}, "then": "$fence"},
-                {"case": {"$eq": [fence_type, "string"]}, "then": {"$substrCP": ["$fence", 0, 64]}},
             ],
             "default": "$$REMOVE",
         }
@@ -200,6 +201,8 @@ class Lease:
                     ],
                 },
                 _acquire_pipeline(self.owner, int(self.ttl * 1000), call),
+                # Only what is needed: other fields may hold bytes that cannot be decoded.
+                projection={"fence": 1, "last_repair": 1},
                 return_document=ReturnDocument.AFTER,
             )
         except OperationFailure as exc:
@@ -271,7 +274,8 @@ class Lease:
 
         Each of them publishes every event too: relays meant to share the work share a name.
         """
-        rows = self.state.find(
+        options = self.state.codec_options.with_options(unicode_decode_error_handler="replace")
+        rows = self.state.with_options(codec_options=options).find(
             {"_id": {"$ne": self.name}, "$expr": LIVE_LEASE}, {"_id": 1}, sort=[("_id", 1)]
         )
         return [str(row["_id"]) for row in rows]

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._errors import PublishError, TransientPublishError
-from .._event import Message
 from .._store import Failure
 from ._backoff import Backoff
 from ._decode import Event
+from ._slots import key_of, message_slot, slot_of
 
 __all__ = [
     "Outcome",
@@ -33,31 +33,6 @@ def as_utc(value: _dt.datetime) -> _dt.datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=_dt.timezone.utc)
     return value
-
-
-def key_of(doc: Mapping[str, Any]) -> str | None:
-    """The ordering key of an outbox document (None when absent or malformed)."""
-    key = doc.get("key")
-    return key if isinstance(key, str) and key else None
-
-
-def slot_of(doc: Mapping[str, Any], default_topic: str | None) -> str | None:
-    """The ordering slot of a document: its key on its topic (None without a key).
-
-    Pub/Sub orders per topic and key, so that is the unit that waits behind a failure.
-    """
-    key = key_of(doc)
-    if key is None:
-        return None
-    topic = doc.get("topic")
-    return f"{topic if isinstance(topic, str) else default_topic or ''}\n{key}"
-
-
-def message_slot(message: Message) -> str | None:
-    """The ordering slot of a message whose topic has been resolved."""
-    if message.ordering_key is None:
-        return None
-    return f"{message.topic or ''}\n{message.ordering_key}"
 
 
 class SweepFilter:

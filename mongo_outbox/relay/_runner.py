@@ -22,6 +22,8 @@ import time
 from typing import Any
 
 from bson import Timestamp
+from bson.errors import BSONError
+from bson.raw_bson import RawBSONDocument
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
@@ -31,7 +33,7 @@ from ..publishers import Publisher
 from ._backoff import Backoff
 from ._checkpoint import Checkpoint
 from ._config import RelayConfig
-from ._decode import Event, Poison, to_event
+from ._decode import Event, Poison, event_from_raw
 from ._dedup import StreamSweepDedup
 from ._dispatch import Dispatcher
 from ._keeper import await_lease, keep_renewed, release_lease
@@ -89,7 +91,7 @@ class Relay:
                         self._pipeline(once=False)
                 except LeaseLostError as exc:
                     log.warning("%s: stopped publishing; back to standby", exc)
-                except (PyMongoError, _StreamError) as exc:
+                except (PyMongoError, BSONError, _StreamError) as exc:
                     # A run that published something was healthy: start the backoff afresh.
                     failures = 1 if self.stats.published > published else failures + 1
                     self._restart_after(exc, failures)
@@ -198,8 +200,8 @@ class Relay:
         self.stats.sweep_resumes += result.resumed
         return result
 
-    def _convert(self, doc: dict[str, Any] | Poison, size: int) -> Event | Poison:
-        return to_event(doc, self.config.default_topic, size)
+    def _convert(self, raw: RawBSONDocument) -> Event | Poison:
+        return event_from_raw(raw, self.config.default_topic)
 
     def _consume(self, tailer: Tailer) -> float | None:
         """Take one batch from the stream and publish it; return the time of an idle mark."""

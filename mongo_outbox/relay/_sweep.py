@@ -83,7 +83,7 @@ class Sweeper:
                     for raw in raws:
                         if stop.is_set():
                             break
-                        doc = decode_document(raw)
+                        doc = decode_document(raw, config.default_topic)
                         event_id = doc.event_id if isinstance(doc, Poison) else doc.get("_id")
                         if event_id is not None:
                             after = event_id

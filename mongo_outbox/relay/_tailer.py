@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from bson.errors import InvalidBSON, InvalidDocument
+from bson.raw_bson import RawBSONDocument
 from pymongo.change_stream import CollectionChangeStream
 from pymongo.errors import OperationFailure
 
 from .._store import PUBLISH_PROJECTION, OutboxStore
 from ._budget import BudgetQueue
-from ._decode import RAW, Event, Poison, decode_document
+from ._decode import RAW, Event, Poison
 
 __all__ = ["Change", "Idle", "StreamFailed", "Tailer", "open_stream"]
 
@@ -101,13 +102,13 @@ Item = Change | Idle | StreamFailed
 class Tailer:
     """Feeds a change stream's inserts into a :class:`BudgetQueue` from a daemon thread.
 
-    ``convert`` turns a decoded document (or poison) into what the relay publishes.
+    ``convert`` turns a raw inserted document into what the relay publishes (or poison).
     """
 
     def __init__(
         self,
         stream: CollectionChangeStream[Any],
-        convert: Callable[[dict[str, Any] | Poison, int], Event | Poison],
+        convert: Callable[[RawBSONDocument], Event | Poison],
         *,
         max_bytes: int,
         max_items: int,
@@ -156,8 +157,6 @@ class Tailer:
     def _change(self, change: Any, token: Mapping[str, Any] | None) -> tuple[Change, int]:
         # Only the top level of the raw change is decoded here; fullDocument stays raw.
         raw = change["fullDocument"]
-        size = len(raw.raw)
-        doc = decode_document(raw)
-        record = self._convert(doc, size)
+        record = self._convert(raw)
         event_id = record.event_id if isinstance(record, Poison) else record.message.event_id
-        return Change(record, event_id, token, change.get("clusterTime")), size
+        return Change(record, event_id, token, change.get("clusterTime")), len(raw.raw)
