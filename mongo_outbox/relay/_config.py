@@ -49,6 +49,13 @@ class RelayConfig:
     #: Seconds a topic may keep failing transiently before it is isolated (its events wait,
     #: other topics go on).
     isolate_after: float = 30.0
+    #: ``/healthz`` fails when the loop has made no progress, or the pipeline has kept failing,
+    #: for this long.
+    unhealthy_after: float = 60.0
+    #: How often counts, oldest pending age and the oplog window are sampled.
+    sample_interval: float = 15.0
+    #: Shortest interval between two progress lines in the log.
+    progress_interval: float = 10.0
     #: Seconds a relay's lease lasts without renewal; a standby takes over after it expires.
     lease_ttl: float = 15.0
     #: Lease owner id (default: host:pid:random).

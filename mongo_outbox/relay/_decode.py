@@ -7,6 +7,7 @@ aside with its reason instead of failing the batch, the stream or the sweep that
 
 from __future__ import annotations
 
+import datetime as _dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ class Event:
     attempts: int
     #: Bytes the event takes as BSON: what memory budgets count.
     size: int
+    #: ``created_at`` as seconds since the epoch (0: unknown), for the lag metric.
+    created: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +97,9 @@ def to_event(
             "requeue it once one is set",
             size,
         )
-    return Event(message, attempts_of(doc), size or message.size)
+    created = doc.get("created_at")
+    at = created.timestamp() if isinstance(created, _dt.datetime) and created.tzinfo else 0.0
+    return Event(message, attempts_of(doc), size or message.size, at)
 
 
 def event_from_raw(raw: RawBSONDocument, default_topic: str | None) -> Event | Poison:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from .._errors import NotSentError, TransientPublishError
+from .._errors import NotSentError, PublishError, TransientPublishError
 from .._event import utcnow
 from .._store import Failure, OutboxStore
 from ..publishers import Publisher
@@ -22,7 +23,8 @@ from ._config import RelayConfig
 from ._decode import Event, Poison
 from ._gate import KeyGate, TopicBreaker
 from ._lease import Lease
-from ._ordering import classify, message_slot
+from ._metrics import RelayMetrics
+from ._ordering import Outcome, classify, message_slot
 from ._pipelining import Marker
 from ._stats import RelayStats
 
@@ -41,13 +43,19 @@ class Dispatcher:
         lease: Lease,
         config: RelayConfig,
         stats: RelayStats,
+        metrics: RelayMetrics | None = None,
+        on_progress: Callable[[], None] = lambda: None,
     ) -> None:
         self._publisher = publisher
         self._store = store
         self._lease = lease
         self._config = config
         self._stats = stats
+        self._metrics = metrics or RelayMetrics("-", "-")
+        self._on_progress = on_progress
         self._stop = threading.Event()
+        #: created_at to confirmation of the last event published (seconds).
+        self.last_lag: float | None = None
         self.gate = KeyGate()
         self.breaker = TopicBreaker(
             config.isolate_after, Backoff(config.transient_max, max(config.retry_max, 1.0))
@@ -103,6 +111,8 @@ class Dispatcher:
         if poison:
             self._marker.submit([], utcnow(), poison)
             self._stats.dead += len(poison)
+            self._metrics.dead.inc(len(poison))
+            self._on_progress()
         if ready:
             handled.update(self._publish(ready))
         return handled
@@ -114,9 +124,11 @@ class Dispatcher:
         while pending:
             self._lease.check()
             log.debug("publishing %d event(s)", len(pending))
+            started = time.perf_counter()
             results = self._publisher.publish(
                 [e.message for e in pending], timeout=self._lease.remaining()
             )
+            self._metrics.publish_duration.observe(time.perf_counter() - started)
             now = utcnow()
             outcome = classify(
                 pending,
@@ -132,6 +144,7 @@ class Dispatcher:
             self._stats.published += len(outcome.published)
             self._stats.failed += len(outcome.failures) - outcome.dead
             self._stats.dead += outcome.dead
+            self._record(pending, results, outcome)
             for failure in outcome.failures:
                 log.warning(
                     "event %s failed (attempt %d%s): %s",
@@ -156,6 +169,32 @@ class Dispatcher:
                 if self._stop.wait(self._transient.delay(rounds)):
                     break  # stopping: what is left stays pending for the next start
         return handled
+
+    def _record(
+        self, sent: list[Event], results: list[PublishError | None], outcome: Outcome
+    ) -> None:
+        """Metrics of one publish round; a beat of progress when anything was settled."""
+        metrics = self._metrics
+        by_id = {e.message.event_id: e for e in sent}
+        confirmed = [by_id[i] for i in outcome.published]
+        metrics.published(e.message.topic for e in confirmed)
+        now = time.time()
+        for event in confirmed:
+            if event.created:
+                self.last_lag = max(0.0, now - event.created)
+                metrics.event_lag.observe(self.last_lag)
+        metrics.failed((by_id[f.event_id].message.topic for f in outcome.failures), "permanent")
+        metrics.failed(
+            (
+                e.message.topic
+                for e, r in zip(sent, results, strict=True)
+                if isinstance(r, TransientPublishError) and not isinstance(r, NotSentError)
+            ),
+            "transient",
+        )
+        metrics.dead.inc(outcome.dead)
+        if outcome.published or outcome.failures:
+            self._on_progress()
 
     def _isolate(self, retry: list[Event], failing: set[str | None]) -> list[Event]:
         """Drop the events of ``failing`` topics that have failed for too long; hold their

@@ -11,20 +11,52 @@ from contextlib import contextmanager
 from bson.errors import BSONError
 from pymongo.errors import OperationFailure, PyMongoError
 
+from .._store import OutboxStore
+from ._health import Health
 from ._lease import Lease
+from ._sampler import missing_outbox
 
-__all__ = ["await_lease", "keep_renewed", "release_lease"]
+__all__ = ["await_lease", "await_outbox", "keep_renewed", "release_lease"]
 
 log = logging.getLogger("mongo_outbox.relay")
 
 
-def await_lease(lease: Lease, stop: threading.Event, timeout: float | None) -> bool:
+def await_outbox(store: OutboxStore, stop: threading.Event, health: Health) -> bool:
+    """Wait, writing nothing, until the outbox collection exists; False if stopped first.
+
+    A relay pointed at a mistyped database must not create it (nor its state collection).
+    """
+    announced = False
+    while not stop.is_set():
+        try:
+            missing = missing_outbox(store)
+        except PyMongoError as exc:
+            missing = f"MongoDB does not answer: {type(exc).__name__}"
+        health.readiness(missing)
+        health.beat()
+        if missing is None:
+            return True
+        if not announced:
+            log.warning("%s; waiting for it, writing nothing meanwhile", missing)
+            health.role("waiting for the outbox collection")
+            announced = True
+        stop.wait(2.0)
+    return False
+
+
+def await_lease(
+    lease: Lease, stop: threading.Event, timeout: float | None, health: Health | None = None
+) -> bool:
     """Wait as a standby until ``lease`` is ours; False if stopped or timed out."""
     deadline = None if timeout is None else time.monotonic() + timeout
     announced = False
     while not stop.is_set():
+        if health is not None:
+            health.beat()
         try:
             if lease.try_acquire():
+                if health is not None:
+                    health.role("active")
                 return True
         except OperationFailure:
             pass  # the lease has logged what the server said
@@ -34,6 +66,8 @@ def await_lease(lease: Lease, stop: threading.Event, timeout: float | None) -> b
             log.warning("cannot reach MongoDB to take the lease: %s", exc)
         if not announced:
             log.info("standby: another relay holds the lease of %r", lease.name)
+            if health is not None:
+                health.role("standby")
             announced = True
         if deadline is not None and time.monotonic() >= deadline:
             return False

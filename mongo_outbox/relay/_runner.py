@@ -36,8 +36,12 @@ from ._config import RelayConfig
 from ._decode import Event, Poison, event_from_raw
 from ._dedup import StreamSweepDedup
 from ._dispatch import Dispatcher
-from ._keeper import await_lease, keep_renewed, release_lease
+from ._health import Health
+from ._keeper import await_lease, await_outbox, keep_renewed, release_lease
 from ._lease import Lease, new_owner_id
+from ._metrics import RelayMetrics
+from ._progress import Progress
+from ._sampler import Sampler, missing_outbox
 from ._stats import RelayStats
 from ._sweep import Sweeper, SweepResult
 from ._tailer import Change, Idle, StreamFailed, Tailer, open_stream
@@ -71,8 +75,16 @@ class Relay:
             self.store, config.name, self.lease, config.checkpoint_interval
         )
         self.dedup = StreamSweepDedup()
-        self.dispatcher = Dispatcher(publisher, self.store, self.lease, config, self.stats)
+        self.metrics = RelayMetrics(f"{config.database}.{config.collection}", config.name)
+        self.health = Health(config.unhealthy_after)
+        self.dispatcher = Dispatcher(
+            publisher, self.store, self.lease, config, self.stats, self.metrics, self.health.beat
+        )
         self.sweeper = Sweeper(self.store, self.dispatcher, config, self.store.cluster_time)
+        self.sampler = Sampler(
+            self.store, self.checkpoint, self.metrics, self.health, config.sample_interval
+        )
+        self.progress = Progress(config.progress_interval)
         self._restarts = Backoff(config.transient_initial, config.transient_max)
         self._fence: int | None = None
 
@@ -83,7 +95,10 @@ class Relay:
         """
         self._stop = stop or self._stop
         failures = 0
+        self.sampler.start()
         try:
+            if not await_outbox(self.store, self._stop, self.health):
+                return
             while not self._stop.is_set() and self._take_lease(timeout=None):
                 published = self.stats.published
                 try:
@@ -95,8 +110,14 @@ class Relay:
                     # A run that published something was healthy: start the backoff afresh.
                     failures = 1 if self.stats.published > published else failures + 1
                     self._restart_after(exc, failures)
+        except BaseException as exc:
+            self.health.stopped(f"{type(exc).__name__}: {exc}")
+            raise
         finally:
+            self.sampler.stop()
             release_lease(self.lease)
+            self.metrics.lease_active.set(0)
+        self.health.stopped("stopped")
 
     def run_once(self) -> int:
         """Publish everything pending and everything committed so far, then return.
@@ -105,6 +126,9 @@ class Relay:
         relay holds the lease for longer than one lease period (it is doing the work).
         """
         before = self.stats.published
+        missing = missing_outbox(self.store)
+        if missing is not None:
+            raise ConfigurationError(missing)
         try:
             if not self._take_lease(timeout=self.config.lease_ttl + 1.0):
                 raise LeaseLostError(
@@ -121,8 +145,9 @@ class Relay:
         self._stop.set()
 
     def _take_lease(self, timeout: float | None) -> bool:
-        if not await_lease(self.lease, self._stop, timeout):
+        if not await_lease(self.lease, self._stop, timeout, self.health):
             return False
+        self.metrics.lease_active.set(1)
         if self.lease.fence != self._fence:
             # Another relay may have moved on meanwhile: start from its checkpoint.
             self._fence = self.lease.fence
@@ -138,6 +163,8 @@ class Relay:
             # Recovery from the cluster time is always safe.
             self.checkpoint.forget()
         self.stats.restarts += 1
+        self.metrics.restarts.inc()
+        self.health.pipeline_failed(str(exc))
         delay = self._restarts.delay(failures)
         log.warning("relay pipeline failed (%s); restarting in %.1fs", exc, delay)
         self._stop.wait(delay)
@@ -195,6 +222,12 @@ class Relay:
         self.stats.skipped_duplicates = self.dedup.skipped
         self.checkpoint.save(force=True)
 
+    def refresh_metrics(self) -> None:
+        """Bring the gauges that need no query up to date (the HTTP side calls it)."""
+        self.metrics.checkpoint_age.set(time.monotonic() - self.checkpoint.saved_monotonic)
+        self.metrics.held_keys.set(len(self.dispatcher.gate))
+        self.metrics.lease_active.set(1 if self.lease.held else 0)
+
     def _sweep(self, *, grace: float | None, at: Timestamp) -> SweepResult:
         result = self.sweeper.sweep(grace=grace, at=at, stop=self._stop)
         self.stats.sweep_resumes += result.resumed
@@ -206,6 +239,8 @@ class Relay:
     def _consume(self, tailer: Tailer) -> float | None:
         """Take one batch from the stream and publish it; return the time of an idle mark."""
         items = tailer.queue.take(self.config.batch_size, self.config.max_batch_bytes, 0.2)
+        if items:
+            self.health.working()  # the stream answers: the pipeline is in steady state
         records: list[Event | Poison] = []
         idle_at: float | None = None
         failure: BaseException | None = None
@@ -225,6 +260,7 @@ class Relay:
         self.stats.skipped_duplicates = self.dedup.skipped
         self.checkpoint.advance(token)
         self.checkpoint.save()
+        self.progress.update(self.stats.published, self.dispatcher.last_lag, self.sampler.pending)
         if failure is not None:
             raise _StreamError(f"change stream failed: {failure}") from failure
         return idle_at

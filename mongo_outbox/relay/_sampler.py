@@ -1,0 +1,128 @@
+"""Samples what needs a query (counts, oldest pending, oplog window) off the hot path.
+
+A thread of its own, every ``interval`` seconds: the gauges, the readiness of the relay (MongoDB
+answers, the outbox collection exists) and the oplog headroom warning come from here.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import threading
+import time
+from typing import Any
+
+from pymongo.errors import PyMongoError
+
+from .._event import STATUS_DEAD, STATUS_PENDING
+from .._oplog import headroom, read_oplog_window
+from .._store import OutboxStore
+from ._checkpoint import Checkpoint
+from ._health import Health
+from ._metrics import RelayMetrics
+
+__all__ = ["Sampler", "missing_outbox"]
+
+log = logging.getLogger("mongo_outbox.relay")
+
+
+def missing_outbox(store: OutboxStore) -> str | None:
+    """Why the outbox collection cannot be relayed (None when it exists); creates nothing."""
+    db = store.outbox.database
+    if store.outbox.name in db.list_collection_names(filter={"name": store.outbox.name}):
+        return None
+    return (
+        f"no outbox collection {db.name}.{store.outbox.name}: check --database and "
+        "--collection, or create it with `mongo-outbox init`"
+    )
+
+
+class Sampler:
+    """Keeps the sampled gauges and the readiness of one relay up to date."""
+
+    def __init__(
+        self,
+        store: OutboxStore,
+        checkpoint: Checkpoint,
+        metrics: RelayMetrics,
+        health: Health,
+        interval: float,
+    ) -> None:
+        self._store = store
+        self._checkpoint = checkpoint
+        self._metrics = metrics
+        self._health = health
+        self.interval = interval
+        #: Pending events at the last sample (None before the first).
+        self.pending: int | None = None
+        self._low_headroom = False
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Sample now and then every ``interval`` seconds until :meth:`stop`."""
+        self._halt.clear()
+        self._thread = threading.Thread(target=self._run, name="outbox-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sampling (waits for a sample in progress)."""
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.sample()
+            except PyMongoError as exc:
+                self._health.readiness(f"MongoDB does not answer: {type(exc).__name__}")
+            except Exception:  # a sampler must never die: the gauges would freeze
+                log.exception("sampling the outbox failed")
+            if self._halt.wait(self.interval):
+                return
+
+    def sample(self) -> None:
+        """Take one sample."""
+        store, metrics = self._store, self._metrics
+        missing = missing_outbox(store)
+        self._health.readiness(missing)
+        if missing is not None:
+            return
+        pending = store.outbox.count_documents({"status": STATUS_PENDING})
+        metrics.pending.set(pending)
+        metrics.dead_events.set(store.outbox.count_documents({"status": STATUS_DEAD}))
+        oldest = store.outbox.find_one(
+            {"status": STATUS_PENDING}, {"created_at": 1}, sort=[("_id", 1)]
+        )
+        metrics.oldest_pending_age.set(_age(oldest.get("created_at") if oldest else None))
+        self.pending = pending
+        self._sample_oplog()
+
+    def _sample_oplog(self) -> None:
+        window = read_oplog_window(self._store.db.client)
+        room = headroom(self._checkpoint.token, window)
+        self._metrics.oplog(window.seconds, room)
+        seconds = window.seconds
+        if room is None or not seconds:
+            return
+        low = room < seconds / 4
+        if low and not self._low_headroom:
+            log.warning(
+                "oplog headroom low: the checkpoint is %.0fs from the oldest oplog entry, in a "
+                "%.0fs window; if history passes it the relay recovers by a full sweep (grow the "
+                "oplog, or find what holds the relay back)",
+                room,
+                seconds,
+            )
+        self._low_headroom = low
+
+
+def _age(value: Any) -> float:
+    if not isinstance(value, _dt.datetime):
+        return 0.0
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=_dt.timezone.utc)
+    age: float = max(0.0, time.time() - value.timestamp())
+    return age

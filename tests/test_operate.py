@@ -1,0 +1,210 @@
+"""Operating the relay: /metrics, /healthz, /readyz, oplog headroom, the typo'd database.
+
+Real replica sets and the real emulator; relays run in threads of this process with their
+HTTP side on a free port (the CLI's --http-port is tested with a relay process in test_cli).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+from helpers import wait_for
+from prometheus_client.parser import text_string_to_metric_families
+from pymongo import MongoClient
+
+from mongo_outbox import ConfigurationError, InMemoryPublisher, outbox_transaction
+from mongo_outbox.relay import Relay, RelayConfig
+from mongo_outbox.relay._http import RelayHTTPServer
+from mongo_outbox.testing import MongoReplicaSet
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _metrics(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    status, text = _get(port, "/metrics")
+    assert status == 200
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return values
+
+
+def _value(metrics: dict[Any, float], name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in metrics.items() if n == name and wanted <= ls)
+
+
+@pytest.fixture
+def served(request):
+    servers: list[RelayHTTPServer] = []
+
+    def serve(relay: Relay) -> int:
+        server = RelayHTTPServer(relay, "127.0.0.1", 0)
+        servers.append(server)
+        return server.port
+
+    yield serve
+    for server in servers:
+        server.close()
+
+
+def _emit(client, db, n, *, topic=None, key="k"):
+    ids = []
+    for start in range(0, n, 100):
+        with outbox_transaction(client, database=db) as tx:
+            ids += [tx.emit("E", b"x", topic=topic, key=key) for _ in range(min(100, n - start))]
+    return ids
+
+
+def test_metrics_count_what_reached_pubsub_and_gauges_follow_the_drain(
+    client, db_name, pubsub, relay_factory, served
+):
+    topic, sub = pubsub.topic()
+    good = _emit(client, db_name, 2000, topic=topic)
+    _emit(client, db_name, 20, topic="no-such-topic", key=None)
+    runner = relay_factory(
+        db_name, start=False, sample_interval=0.3, max_attempts=2, retry_initial=0.05
+    )
+    relay = runner.relay
+    port = served(relay)
+    relay.sampler.sample()  # before the relay starts: everything is pending
+    before = _metrics(port)
+    labels = {"outbox": f"{db_name}.outbox", "relay": "default"}
+    assert _value(before, "mongo_outbox_pending_events", **labels) == 2020
+    assert _value(before, "mongo_outbox_oldest_pending_age_seconds", **labels) > 0
+    runner.start()
+    received = sub.pull_until(2000, timeout=120)
+    wait_for(lambda: client[db_name].outbox.count_documents({"status": "dead"}) == 20)
+
+    def drained() -> dict[Any, float] | None:
+        m = _metrics(port)
+        return m if _value(m, "mongo_outbox_pending_events") == 0 else None
+
+    after = wait_for(drained, timeout=30)
+    unique = {m.attributes["outbox_event_id"] for m in received}
+    assert unique == {str(i) for i in good}
+    published = _value(after, "mongo_outbox_events_published_total", topic=topic, **labels)
+    assert published == len(unique) == relay.stats.published
+    assert _value(after, "mongo_outbox_events_failed_total", kind="permanent") == 40  # 20 x 2
+    assert _value(after, "mongo_outbox_events_dead_total", **labels) == 20
+    assert _value(after, "mongo_outbox_dead_events", **labels) == 20
+    assert _value(after, "mongo_outbox_oldest_pending_age_seconds", **labels) == 0
+    assert _value(after, "mongo_outbox_event_lag_seconds_count", **labels) == 2000
+    assert _value(after, "mongo_outbox_publish_duration_seconds_count", **labels) >= 1
+    assert _value(after, "mongo_outbox_lease_active", **labels) == 1
+    assert _value(after, "mongo_outbox_oplog_window_seconds", **labels) >= 0
+    assert 0 <= _value(after, "mongo_outbox_checkpoint_age_seconds", **labels) < 30
+    runner.stop()
+
+
+def test_readyz_tells_active_from_standby(client, db_name, relay_factory, served):
+    first = relay_factory(db_name, publisher=InMemoryPublisher(), lease_ttl=2.0)
+    first_port = served(first.relay)
+    wait_for(lambda: _get(first_port, "/readyz") == (200, "active\n"), timeout=20)
+    second = relay_factory(db_name, publisher=InMemoryPublisher(), lease_ttl=2.0)
+    second_port = served(second.relay)
+    wait_for(lambda: _get(second_port, "/readyz") == (200, "standby\n"), timeout=20)
+    assert _get(second_port, "/healthz")[0] == 200  # a standby is healthy
+    assert _value(_metrics(second_port), "mongo_outbox_lease_active") == 0
+    first.stop()
+    second.stop()
+
+
+def test_a_mistyped_database_is_reported_and_never_created(client, relay_factory, served):
+    name = "mongo_outbox_typo_shpo"
+    client.drop_database(name)
+    relay = relay_factory(name, publisher=InMemoryPublisher(), sample_interval=0.2)
+    port = served(relay.relay)
+    _, body = wait_for(
+        lambda: (r := _get(port, "/readyz"))[0] == 503 and "no outbox collection" in r[1] and r
+    )
+    assert f"{name}.outbox" in body
+    relay.stop()
+    assert name not in client.list_database_names()
+    with pytest.raises(ConfigurationError, match="no outbox collection"):
+        Relay(client, InMemoryPublisher(), RelayConfig(database=name)).run_once()
+    assert name not in client.list_database_names()
+
+
+@pytest.mark.slow
+def test_healthz_turns_503_while_mongod_is_frozen_and_200_after(pubsub, served):
+    with MongoReplicaSet() as rs:
+        client: MongoClient[Any] = MongoClient(rs.uri, tz_aware=True)
+        db = "frozen"
+        _emit(client, db, 1)
+        config = RelayConfig(database=db, default_topic="t", unhealthy_after=2.0)
+        relay = Relay(client, InMemoryPublisher(), config)
+        from helpers import RelayThread
+
+        runner = RelayThread(relay).start()
+        port = served(relay)
+        try:
+            wait_for(lambda: _get(port, "/healthz")[0] == 200 and relay.stats.published == 1)
+            os.kill(rs.pid, signal.SIGSTOP)
+            try:
+                _, reason = wait_for(
+                    lambda: (r := _get(port, "/healthz"))[0] == 503 and r, timeout=30
+                )
+                assert "no progress" in reason or "failing" in reason, reason
+            finally:
+                os.kill(rs.pid, signal.SIGCONT)
+            wait_for(lambda: _get(port, "/healthz")[0] == 200, timeout=60)
+            _emit(client, db, 1)
+            wait_for(lambda: relay.stats.published == 2, timeout=60)
+        finally:
+            runner.stop()
+            client.close()
+
+
+@pytest.mark.slow
+def test_low_oplog_headroom_is_warned_about_before_the_token_is_lost(caplog, served):
+    caplog.set_level(logging.WARNING, logger="mongo_outbox")
+    with MongoReplicaSet() as rs:
+        client: MongoClient[Any] = MongoClient(rs.uri, tz_aware=True)
+        db = "headroom"
+        client[db].create_collection("outbox")
+        # The relay keeps retrying a failing topic, so its checkpoint stays where it is.
+        memory = InMemoryPublisher()
+        memory.fail_topic("sick-topic", transient=True)
+        config = RelayConfig(database=db, isolate_after=1e6, sample_interval=0.2, transient_max=0.5)
+        relay = Relay(client, memory, config)
+        from helpers import RelayThread
+
+        runner = RelayThread(relay).start()
+        port = served(relay)
+        try:
+            wait_for(lambda: relay.checkpoint.token is not None)
+            _emit(client, db, 1, topic="sick-topic")
+            wait_for(lambda: memory.calls > 0)
+            token = relay.checkpoint.token
+            junk = client[db].junk
+
+            def warned() -> bool:
+                junk.insert_one({"x": 1})  # the oplog's newest entry moves on; the token does not
+                return any("oplog headroom low" in r.getMessage() for r in caplog.records)
+
+            wait_for(warned, timeout=120, interval=0.1)
+            m = _metrics(port)
+            window = _value(m, "mongo_outbox_oplog_window_seconds")
+            room = _value(m, "mongo_outbox_oplog_headroom_seconds")
+            assert room < window / 4, (room, window)
+            # Warned while the token is still usable: before history is lost, not after.
+            with client[db].outbox.watch(start_after=token, max_await_time_ms=10) as stream:
+                stream.try_next()
+        finally:
+            runner.stop()
+            client.close()
