@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 from bson import Decimal128, ObjectId
 from bson.int64 import Int64
@@ -24,20 +24,35 @@ __all__ = [
     "ATTR_CREATED_AT",
     "ATTR_EVENT_ID",
     "ATTR_EVENT_TYPE",
+    "ATTR_TRACEPARENT",
+    "ATTR_TRACESTATE",
     "MAX_ATTRIBUTES",
     "MAX_MESSAGE_BYTES",
     "MAX_ORDERING_KEY_BYTES",
+    "MAX_TRACESTATE_BYTES",
     "Message",
     "build_document",
     "encode_payload",
     "format_timestamp",
+    "is_traceparent",
     "message_from_document",
 ]
 
 ATTR_EVENT_ID = "outbox_event_id"
 ATTR_EVENT_TYPE = "outbox_event_type"
 ATTR_CREATED_AT = "outbox_created_at"
-RESERVED_ATTRIBUTES = frozenset({ATTR_EVENT_ID, ATTR_EVENT_TYPE, ATTR_CREATED_AT})
+# The event's W3C trace context, under the names google-cloud-pubsub's own tracing uses.
+ATTR_TRACEPARENT = "googclient_traceparent"
+ATTR_TRACESTATE = "googclient_tracestate"
+#: Every attribute the relay may add: user attributes get what is left of Pub/Sub's 100.
+RESERVED_ATTRIBUTES = frozenset(
+    {ATTR_EVENT_ID, ATTR_EVENT_TYPE, ATTR_CREATED_AT, ATTR_TRACEPARENT, ATTR_TRACESTATE}
+)
+#: A stored tracestate is cut (whole list members from the end, as W3C allows) to this size.
+MAX_TRACESTATE_BYTES = 512
+_TRACEPARENT_BYTES = 55  # version 00: "00-<32 hex>-<16 hex>-<2 hex>"
+_TRACEPARENT_RE = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACESTATE_RE = re.compile(rf"[\x20-\x7e]{{1,{MAX_TRACESTATE_BYTES}}}")
 
 #: Pub/Sub limits (https://cloud.google.com/pubsub/quotas#resource_limits).
 MAX_MESSAGE_BYTES = 10_000_000
@@ -207,8 +222,8 @@ def _check_attributes(attributes: Any) -> tuple[dict[str, str], int]:
     if len(attributes) > limit:
         raise ValidationError(
             f"{len(attributes)} attributes given; Pub/Sub allows {MAX_ATTRIBUTES} per message "
-            f"and mongo-outbox adds {len(RESERVED_ATTRIBUTES)}, so at most {limit}: "
-            "move the rest into the payload"
+            f"and mongo-outbox may add {len(RESERVED_ATTRIBUTES)} (outbox_* and trace context), "
+            f"so at most {limit}: move the rest into the payload"
         )
     checked: dict[str, str] = {}
     size = 0
@@ -223,12 +238,12 @@ def _check_attributes(attributes: Any) -> tuple[dict[str, str], int]:
                 f"attribute key {name!r} contains a NUL character (\\x00), which MongoDB cannot "
                 "store in a field name: remove it"
             )
+        if name in RESERVED_ATTRIBUTES:
+            raise ValidationError(f"attribute key {name!r} is reserved by mongo-outbox: rename it")
         if name.startswith("goog"):
             raise ValidationError(
                 f"attribute key {name!r} starts with 'goog', which Pub/Sub reserves: rename it"
             )
-        if name in RESERVED_ATTRIBUTES:
-            raise ValidationError(f"attribute key {name!r} is reserved by mongo-outbox: rename it")
         name_bytes = _utf8_len(name, f"attribute key {name!r}")
         if name_bytes > MAX_ATTRIBUTE_KEY_BYTES:
             raise ValidationError(
@@ -245,9 +260,15 @@ def _check_attributes(attributes: Any) -> tuple[dict[str, str], int]:
     return checked, size
 
 
-# Bytes taken by the three reserved attributes: names plus the longest values they can have
-# (a 24-character hex id, a 24-character timestamp); the type's length is added per event.
-_RESERVED_OVERHEAD = sum(len(n) for n in RESERVED_ATTRIBUTES) + 24 + 24
+# Bytes taken by the reserved attributes: names plus the longest values they can have (a
+# 24-character hex id, a 24-character timestamp, a traceparent, the longest tracestate kept),
+# whether or not the event has a trace context; the type's length is added per event.
+_RESERVED_OVERHEAD = (
+    sum(len(n) for n in RESERVED_ATTRIBUTES) + 24 + 24 + _TRACEPARENT_BYTES + MAX_TRACESTATE_BYTES
+)
+# The same without the trace context: the relay counts the context a document really has, so
+# documents written before trace contexts were counted are not refused for them.
+_OUTBOX_OVERHEAD = len(ATTR_EVENT_ID) + len(ATTR_EVENT_TYPE) + len(ATTR_CREATED_AT) + 24 + 24
 
 
 class _CheckedEvent(NamedTuple):
@@ -256,12 +277,17 @@ class _CheckedEvent(NamedTuple):
     key: str | None
     attributes: dict[str, str]
     data: bytes
-    #: Bytes of data, ordering key and attributes, counting the reserved ones at their longest.
+    #: Bytes of data, ordering key and attributes, counting the reserved ones as ``reserve``.
     size: int
 
 
 def _check_event(
-    event_type: Any, payload: Any, topic: Any, key: Any, attributes: Any
+    event_type: Any,
+    payload: Any,
+    topic: Any,
+    key: Any,
+    attributes: Any,
+    reserve: int = _RESERVED_OVERHEAD,
 ) -> _CheckedEvent:
     """Every rule an event must meet to be published, shared by ``emit`` and the relay."""
     type_bytes = _check_type(event_type)
@@ -269,7 +295,7 @@ def _check_event(
     key, key_bytes = _check_key(key)
     attrs, attrs_bytes = _check_attributes(attributes)
     data = encode_payload(payload)
-    size = len(data) + key_bytes + attrs_bytes + _RESERVED_OVERHEAD + type_bytes
+    size = len(data) + key_bytes + attrs_bytes + reserve + type_bytes
     if size > MAX_MESSAGE_BYTES:
         raise ValidationError(
             f"event {event_type!r} would make a {size:,}-byte message; Pub/Sub accepts at most "
@@ -288,10 +314,14 @@ def build_document(
     attributes: Any = None,
     event_id: ObjectId | None = None,
     created_at: _dt.datetime | None = None,
+    trace: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Validate an event and return its outbox document (raises :class:`ValidationError`)."""
+    """Validate an event and return its outbox document (raises :class:`ValidationError`).
+
+    ``trace`` is the W3C context to store (``traceparent``, optional ``tracestate``).
+    """
     event = _check_event(event_type, payload, topic, key, attributes)
-    return {
+    doc = {
         "_id": event_id if event_id is not None else ObjectId(),
         "type": event.event_type,
         "topic": event.topic,
@@ -302,6 +332,9 @@ def build_document(
         "status": STATUS_PENDING,
         "attempts": 0,
     }
+    if trace is not None:
+        doc["trace"] = dict(trace)
+    return doc
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,9 +372,14 @@ def message_from_document(doc: Mapping[str, Any], default_topic: str | None = No
         raise PoisonEventError(
             f"field 'created_at' must be a date, got {type(created_at).__name__}"
         )
+    trace_attributes: dict[str, str] = {}
+    trace = doc.get("trace")
+    if trace is not None:
+        _add_trace_attributes(trace_attributes, trace)
+    reserve = _OUTBOX_OVERHEAD + sum(len(k) + len(v) for k, v in trace_attributes.items())
     try:
         event = _check_event(
-            event_type, payload, doc.get("topic"), doc.get("key"), doc.get("attributes")
+            event_type, payload, doc.get("topic"), doc.get("key"), doc.get("attributes"), reserve
         )
     except ValidationError as exc:
         raise PoisonEventError(str(exc)) from exc
@@ -349,8 +387,33 @@ def message_from_document(doc: Mapping[str, Any], default_topic: str | None = No
     attributes[ATTR_EVENT_ID] = str(event_id)
     attributes[ATTR_EVENT_TYPE] = event_type
     attributes[ATTR_CREATED_AT] = format_timestamp(created_at)
+    attributes.update(trace_attributes)
     topic = event.topic if event.topic is not None else default_topic
     return Message(event_id, topic, payload, event.key, attributes, event.size)
+
+
+def is_traceparent(value: Any) -> TypeGuard[str]:
+    """Whether ``value`` is a W3C ``traceparent`` this library would store (version 00 form)."""
+    return (
+        isinstance(value, str)
+        and _TRACEPARENT_RE.fullmatch(value) is not None
+        and not value.startswith("ff")
+        and value[3:35] != "0" * 32
+        and value[36:52] != "0" * 16
+    )
+
+
+def _add_trace_attributes(attributes: dict[str, str], trace: Any) -> None:
+    """Add a stored trace context as attributes; a malformed one is left out, never poison."""
+    if not isinstance(trace, Mapping):
+        return
+    traceparent = trace.get("traceparent")
+    if not is_traceparent(traceparent):
+        return
+    attributes[ATTR_TRACEPARENT] = traceparent
+    tracestate = trace.get("tracestate")
+    if isinstance(tracestate, str) and _TRACESTATE_RE.fullmatch(tracestate):
+        attributes[ATTR_TRACESTATE] = tracestate
 
 
 def attempts_of(doc: Mapping[str, Any]) -> int:

@@ -35,6 +35,7 @@ PUBLISH_PROJECTION = {
     "created_at": 1,
     "attempts": 1,
     "next_attempt_at": 1,
+    "trace": 1,
 }
 # Codes that say a snapshot read is not possible here: SnapshotUnavailable, SnapshotTooOld,
 # InvalidOptions, TypeMismatch, FailedToParse, OperationNotSupportedInTransaction.

@@ -27,6 +27,12 @@ def _size(message: ev.Message) -> int:
     return size
 
 
+# The longest trace context a document can carry: what the size rule reserves room for.
+_MAX_TRACESTATE = ",".join([f"v{i:02d}=" + "x" * 120 for i in range(4)] + ["v04=" + "x" * 8])
+_MAX_TRACE = {"traceparent": f"00-{'1' * 32}-{'2' * 16}-01", "tracestate": _MAX_TRACESTATE}
+assert len(_MAX_TRACESTATE) == ev.MAX_TRACESTATE_BYTES
+
+
 def _doc(**overrides):
     doc = ev.build_document(
         "OrderCreated",
@@ -179,11 +185,11 @@ def test_non_dict_mapping_payload_is_encoded():
 
 
 def test_reserved_overhead_matches_the_real_attributes():
-    # The constant is what the three outbox_ attributes cost at most, minus the type's value.
-    doc = ev.build_document("T", b"")
+    # The constant is what the outbox_ and trace attributes cost at most, minus the type's value.
+    doc = ev.build_document("T", b"", trace=_MAX_TRACE)
     message = ev.message_from_document(doc)
     reserved = {k: v for k, v in message.attributes.items() if k in ev.RESERVED_ATTRIBUTES}
-    assert len(reserved) == 3
+    assert len(reserved) == 5
     cost = sum(len(k) + len(v) for k, v in reserved.items())
     assert cost == ev._RESERVED_OVERHEAD + len("T")
 
@@ -198,7 +204,7 @@ def _max_data(event_type: str, key: str | None = None, attributes=None) -> int:
 def test_message_at_the_size_limit_is_accepted():
     assert ev.MAX_MESSAGE_BYTES == 10_000_000
     n = _max_data("Big")
-    doc = ev.build_document("Big", b"x" * n)
+    doc = ev.build_document("Big", b"x" * n, trace=_MAX_TRACE)
     assert len(doc["payload"]) == n
     assert _size(ev.message_from_document(doc)) == ev.MAX_MESSAGE_BYTES
 
@@ -214,7 +220,7 @@ def test_size_limit_counts_key_and_attribute_bytes_in_utf8():
     attributes = {"région": "东京"}  # 7 + 6 bytes
     n = _max_data("Big", key, attributes)
     assert n == ev.MAX_MESSAGE_BYTES - ev._RESERVED_OVERHEAD - 3 - 8 - 13
-    doc = ev.build_document("Big", b"x" * n, key=key, attributes=attributes)
+    doc = ev.build_document("Big", b"x" * n, key=key, attributes=attributes, trace=_MAX_TRACE)
     assert _size(ev.message_from_document(doc)) == ev.MAX_MESSAGE_BYTES
     with pytest.raises(ValidationError, match="10,000,001-byte"):
         ev.build_document("Big", b"x" * (n + 1), key=key, attributes=attributes)
@@ -229,8 +235,8 @@ def test_pubsub_request_chunks_stay_within_the_request_limit_in_utf8_bytes():
     # Same byte accounting as build_document: it is what Pub/Sub counts.
     from mongo_outbox.publishers._pubsub import _chunks
 
-    attributes = {f"k{i}": "é" * 512 for i in range(97)}  # 97 x 1026 bytes, 97 x 514 chars
-    doc = ev.build_document("T", b"x" * 8000, key="k", attributes=attributes)
+    attributes = {f"k{i}": "é" * 512 for i in range(95)}  # 95 x 1026 bytes, 95 x 514 chars
+    doc = ev.build_document("T", b"x" * 8000, key="k", attributes=attributes, trace=_MAX_TRACE)
     messages = [ev.message_from_document(doc) for _ in range(300)]
     chunks = _chunks(messages, list(range(len(messages))))
     assert sorted(i for chunk in chunks for i in chunk) == list(range(len(messages)))
@@ -241,17 +247,17 @@ def test_pubsub_request_chunks_stay_within_the_request_limit_in_utf8_bytes():
 # -- attributes ------------------------------------------------------------------------------
 
 
-def test_97_user_attributes_are_accepted():
-    attributes = {f"a{i}": str(i) for i in range(97)}
-    doc = ev.build_document("T", b"x", attributes=attributes)
+def test_95_user_attributes_are_accepted_and_room_is_left_for_the_trace_context():
+    attributes = {f"a{i}": str(i) for i in range(95)}
+    doc = ev.build_document("T", b"x", attributes=attributes, trace=_MAX_TRACE)
     assert doc["attributes"] == attributes
     message = ev.message_from_document(doc)
     assert len(message.attributes) == ev.MAX_ATTRIBUTES == 100
 
 
-def test_98_user_attributes_are_rejected():
-    attributes = {f"a{i}": str(i) for i in range(98)}
-    with pytest.raises(ValidationError, match=r"98 attributes given.*allows 100.*at most 97"):
+def test_96_user_attributes_are_rejected():
+    attributes = {f"a{i}": str(i) for i in range(96)}
+    with pytest.raises(ValidationError, match=r"96 attributes given.*allows 100.*at most 95"):
         ev.build_document("T", b"x", attributes=attributes)
 
 
@@ -506,7 +512,7 @@ def test_message_from_document_without_key_topic_or_attributes():
     message = ev.message_from_document(doc)
     assert message.ordering_key is None
     assert message.topic is None
-    assert set(message.attributes) == ev.RESERVED_ATTRIBUTES
+    assert set(message.attributes) == {"outbox_event_id", "outbox_event_type", "outbox_created_at"}
 
 
 def test_message_from_document_does_not_change_the_document():
@@ -571,7 +577,7 @@ def test_message_from_malformed_document_is_poison(doc, match):
 def test_message_from_document_over_the_size_limit_is_poison():
     doc = _doc(payload=b"x" * 11_000_000)
     size = len(doc["payload"]) + len("order-7") + len("tenant") + len("acme")
-    size += ev._RESERVED_OVERHEAD + len("OrderCreated")
+    size += ev._OUTBOX_OVERHEAD + len("OrderCreated")  # read: the trace it has (none) counts
     with pytest.raises(
         PoisonEventError, match=rf"{size:,}-byte message; Pub/Sub accepts at most 10,000,000"
     ):
@@ -579,7 +585,10 @@ def test_message_from_document_over_the_size_limit_is_poison():
 
 
 def test_message_from_document_at_the_size_limit_is_accepted():
+    # emit reserves room for the longest trace context; the relay counts the one there is.
     doc = ev.build_document("Big", b"x" * _max_data("Big"))
+    assert ev.message_from_document(doc).size < ev.MAX_MESSAGE_BYTES
+    doc["payload"] += b"x" * (ev._RESERVED_OVERHEAD - ev._OUTBOX_OVERHEAD)
     assert ev.message_from_document(doc).size == ev.MAX_MESSAGE_BYTES
     doc["payload"] += b"x"
     with pytest.raises(PoisonEventError, match="10,000,001-byte message"):
@@ -600,10 +609,14 @@ def test_message_from_document_with_nul_in_an_attribute_key_is_poison():
         ev.message_from_document(_doc(attributes={"a\x00b": "v"}))
 
 
-def test_message_size_is_the_size_emit_checks():
-    doc = ev.build_document("Tÿpe", b"x" * 10, key="ключ", attributes={"région": "东京"})
+def test_message_size_is_the_size_of_what_is_published():
+    attributes = {"région": "东京"}
+    doc = ev.build_document("Tÿpe", b"x" * 10, key="ключ", attributes=attributes, trace=_MAX_TRACE)
     message = ev.message_from_document(doc)
     assert message.size == _size(message)
+    del doc["trace"]
+    without = ev.message_from_document(doc)
+    assert without.size == _size(without) < message.size
 
 
 def test_attempts_of_tolerates_odd_values():
