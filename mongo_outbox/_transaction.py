@@ -17,8 +17,9 @@ from pymongo import AsyncMongoClient, MongoClient
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 from pymongo.write_concern import WriteConcern
 
-from ._errors import ConfigurationError, OutboxError
+from ._errors import REPLICA_SET_FIX, ConfigurationError, OutboxError
 from ._event import build_document
+from ._tracing import current_trace
 
 __all__ = [
     "AsyncOutboxTransaction",
@@ -33,6 +34,7 @@ T = TypeVar("T")
 _COMMIT_RETRY_SECONDS = 120.0
 _UNKNOWN_COMMIT = "UnknownTransactionCommitResult"
 _MAX_TIME_EXPIRED = 50
+_ILLEGAL_OPERATION = 20
 _DEFAULT_WRITE_CONCERN = WriteConcern("majority")
 
 
@@ -57,6 +59,18 @@ def _database_name(client: Any, database: str | None) -> str:
     except (ConfigurationError, PyMongoError, TypeError) as exc:
         raise ConfigurationError(
             "no database given: pass database=... or put one in the connection string"
+        ) from exc
+
+
+def _raise_if_standalone(exc: BaseException | None) -> None:
+    """Raise a ConfigurationError naming the fix when ``exc`` says the server is standalone."""
+    if (
+        isinstance(exc, OperationFailure)
+        and exc.code == _ILLEGAL_OPERATION
+        and "Transaction numbers" in str(exc)
+    ):
+        raise ConfigurationError(
+            f"outbox transactions cannot run on a standalone MongoDB server; {REPLICA_SET_FIX}"
         ) from exc
 
 
@@ -85,7 +99,9 @@ class _EventBuffer:
         key: str | None = None,
         attributes: Mapping[str, str] | None = None,
     ) -> ObjectId:
-        doc = build_document(event_type, payload, topic=topic, key=key, attributes=attributes)
+        doc = build_document(
+            event_type, payload, topic=topic, key=key, attributes=attributes, trace=current_trace()
+        )
         self._docs.append(doc)
         event_id: ObjectId = doc["_id"]
         return event_id
@@ -240,12 +256,14 @@ class OutboxTransaction(_TransactionBase):
             if exc_type is not None:
                 if session.in_transaction:
                     session.abort_transaction()
+                _raise_if_standalone(exc)
                 return
             try:
                 self._flush()
-            except BaseException:
+            except BaseException as err:
                 if session.in_transaction:
                     session.abort_transaction()
+                _raise_if_standalone(err)
                 raise
             if not session.in_transaction:
                 return  # ended inside the block, with no events: nothing left to commit
@@ -314,12 +332,14 @@ class AsyncOutboxTransaction(_TransactionBase):
             if exc_type is not None:
                 if session.in_transaction:
                     await session.abort_transaction()
+                _raise_if_standalone(exc)
                 return
             try:
                 await self._flush()
-            except BaseException:
+            except BaseException as err:
                 if session.in_transaction:
                     await session.abort_transaction()
+                _raise_if_standalone(err)
                 raise
             if not session.in_transaction:
                 return  # ended inside the block, with no events: nothing left to commit
@@ -426,7 +446,11 @@ def run_in_outbox_transaction(
                 tx._end(_FN_RETURNED)
             return result
 
-        return session.with_transaction(callback, write_concern=wc)
+        try:
+            return session.with_transaction(callback, write_concern=wc)
+        except OperationFailure as exc:
+            _raise_if_standalone(exc)
+            raise
 
 
 async def _run_async(
@@ -450,6 +474,10 @@ async def _run_async(
                 tx._end(_FN_RETURNED)
             return result
 
-        return await session.with_transaction(callback, write_concern=wc)
+        try:
+            return await session.with_transaction(callback, write_concern=wc)
+        except OperationFailure as exc:
+            _raise_if_standalone(exc)
+            raise
     finally:
         await _maybe_await(session.end_session())

@@ -12,7 +12,7 @@ import contextlib
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
@@ -26,6 +26,10 @@ from .._errors import (
     TransientPublishError,
 )
 from .._event import Message
+from .._tracing import PublishTracing
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["PubSubPublisher"]
 
@@ -55,7 +59,8 @@ def map_google_error(exc: BaseException, topic: str) -> PublishError:
         error: PublishError = TransientPublishError(f"publish to {topic} failed: {text}")
     elif isinstance(exc, gexc.NotFound):
         error = PermanentPublishError(
-            f"topic {topic} does not exist: create it, or run the relay with --create-topics"
+            f"topic {topic} does not exist: create it, or run the relay with --create-topics; "
+            "events that died of it can then be sent again with `mongo-outbox requeue`"
         )
     else:
         error = PermanentPublishError(f"publish to {topic} refused: {text}")
@@ -78,6 +83,8 @@ class PubSubPublisher:
     A message's topic may be an id (resolved in ``project``) or a full
     ``projects/<p>/topics/<id>`` path. With ``create_topics`` a missing topic is created on
     first use. ``timeout`` bounds each Publish request in seconds; retries are the relay's.
+    With OpenTelemetry configured (``tracer_provider``, else the global provider), each request
+    is a PRODUCER span linked to its events' trace contexts.
     """
 
     def __init__(
@@ -87,6 +94,7 @@ class PubSubPublisher:
         create_topics: bool = False,
         timeout: float = 10.0,
         client: PublisherClient | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         if not project:
             raise ConfigurationError("a Google Cloud project is required (--project)")
@@ -95,6 +103,7 @@ class PubSubPublisher:
         self._timeout = timeout
         self._client = client or make_gapic_client()
         self._known_topics: set[str] = set()
+        self._tracing = PublishTracing(tracer_provider)
 
     def topic_path(self, topic: str) -> str:
         """The full resource path of ``topic``."""
@@ -201,11 +210,17 @@ class PubSubPublisher:
                 for m in batch
             ],
         )
-        try:
-            self._client.publish(request=PublishRequest.wrap(request), retry=None, timeout=timeout)
-        except Exception as exc:
-            return map_google_error(exc, path)
-        return None
+
+        def send() -> PublishError | None:
+            try:
+                self._client.publish(
+                    request=PublishRequest.wrap(request), retry=None, timeout=timeout
+                )
+            except Exception as exc:
+                return map_google_error(exc, path)
+            return None
+
+        return self._tracing.publish(path, batch, send)
 
     def close(self) -> None:
         """Close the gRPC channel."""
