@@ -16,7 +16,7 @@ from ._event import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED
 from ._event import utcnow as _utcnow
 from ._store import state_collection_name
 
-__all__ = ["LIVE_LEASE", "OutboxAdmin", "RelayInfo", "shared_outbox_warning"]
+__all__ = ["LIVE_LEASE", "FailingReason", "OutboxAdmin", "RelayInfo", "shared_outbox_warning"]
 
 _T = TypeVar("_T")
 
@@ -57,6 +57,26 @@ class RelayInfo:
     checkpoint_at: _dt.datetime | None
 
 
+@dataclass(frozen=True, slots=True)
+class FailingReason:
+    """Pending events that failed for one reason (``last_error``), to be retried."""
+
+    error: str | None
+    events: int
+    #: The most attempts any of them has had.
+    max_attempts: int
+    #: The latest retry due among them.
+    next_attempt_at: _dt.datetime | None
+
+
+#: Pending events that have failed at least once (or were requeued after failing).
+_FAILED_PENDING: dict[str, Any] = {
+    "status": STATUS_PENDING,
+    "$or": [{"attempts": {"$gt": 0}}, {"last_error": {"$type": "string"}}],
+}
+_EVENT_FIELDS = {"type": 1, "topic": 1, "key": 1, "attempts": 1, "last_error": 1, "created_at": 1}
+
+
 class OutboxAdmin:
     """Operator queries and repairs on one outbox collection and its relay state."""
 
@@ -67,6 +87,11 @@ class OutboxAdmin:
         self.state: Collection[Any] = db[state_collection_name(collection)]
 
     # -- events ----------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        """Whether the outbox collection exists (asking creates nothing)."""
+        names = self.db.list_collection_names(filter={"name": self.outbox.name})
+        return self.outbox.name in names
 
     def counts(self) -> dict[str, int]:
         """Number of events per status."""
@@ -86,13 +111,61 @@ class OutboxAdmin:
         """The most recent dead events with their reasons."""
         query = {"status": STATUS_DEAD}
         fields = {"type": 1, "key": 1, "attempts": 1, "last_error": 1}
+        return self._find(query, fields, limit)
+
+    def dead_events(
+        self,
+        *,
+        ids: Iterable[Any] | None = None,
+        event_type: str | None = None,
+        key: str | None = None,
+        older_than: _dt.datetime | None = None,
+        limit: int = 20,
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """How many dead events match every filter given, and the newest ``limit`` of them."""
+        query = _dead_query(ids, event_type, key, older_than)
+        return self.outbox.count_documents(query), self._find(query, _EVENT_FIELDS, limit)
+
+    def failing_pending(self, limit: int = 5) -> tuple[int, list[FailingReason]]:
+        """How many pending events have failed, and their reasons (up to ``limit``, those with
+        the latest retry first)."""
+        pipeline: list[dict[str, Any]] = [
+            {"$match": _FAILED_PENDING},
+            {
+                "$group": {
+                    "_id": "$last_error",
+                    "n": {"$sum": 1},
+                    "attempts": {"$max": "$attempts"},
+                    "next": {"$max": "$next_attempt_at"},
+                }
+            },
+            {"$sort": {"next": -1, "n": -1}},
+        ]
+        rows = list(self._lenient().aggregate(pipeline))
+        reasons = [
+            FailingReason(
+                error=_typed(row["_id"], str),
+                events=int(row["n"]),
+                max_attempts=row["attempts"] if isinstance(row["attempts"], int) else 0,
+                next_attempt_at=_typed(row["next"], _dt.datetime),
+            )
+            for row in rows[:limit]
+        ]
+        return sum(int(row["n"]) for row in rows), reasons
+
+    def _lenient(self) -> Collection[Any]:
+        """The outbox, reading strings that are not UTF-8 with replacement characters."""
+        options = self.outbox.codec_options.with_options(unicode_decode_error_handler="replace")
+        return self.outbox.with_options(codec_options=options)
+
+    def _find(
+        self, query: dict[str, Any], fields: dict[str, Any], limit: int
+    ) -> list[dict[str, Any]]:
         try:
             return list(self.outbox.find(query, fields, sort=[("_id", -1)], limit=limit))
         except InvalidBSON:
             # Poison may hold bytes that are not UTF-8: show them replaced rather than fail.
-            options = self.outbox.codec_options.with_options(unicode_decode_error_handler="replace")
-            lenient = self.outbox.with_options(codec_options=options)
-            return list(lenient.find(query, fields, sort=[("_id", -1)], limit=limit))
+            return list(self._lenient().find(query, fields, sort=[("_id", -1)], limit=limit))
 
     def requeue(
         self,
@@ -107,17 +180,8 @@ class OutboxAdmin:
         ``ids`` are ``_id`` values of any BSON type. Attempts start again from zero;
         ``last_error`` is kept for the record. Returns how many events were requeued.
         """
-        query: dict[str, Any] = {"status": STATUS_DEAD}
-        if ids is not None:
-            query["_id"] = {"$in": list(ids)}
-        if event_type is not None:
-            query["type"] = event_type
-        if key is not None:
-            query["key"] = key
-        if older_than is not None:
-            query["created_at"] = {"$lt": older_than}
         result = self.outbox.update_many(
-            query,
+            _dead_query(ids, event_type, key, older_than),
             {
                 "$set": {"status": STATUS_PENDING, "attempts": 0, "requeued_at": _utcnow()},
                 "$unset": {"next_attempt_at": ""},
@@ -167,6 +231,25 @@ class OutboxAdmin:
             )
             for row in rows
         ]
+
+
+def _dead_query(
+    ids: Iterable[Any] | None,
+    event_type: str | None,
+    key: str | None,
+    older_than: _dt.datetime | None,
+) -> dict[str, Any]:
+    """Dead events matching every filter given (``ids`` of any BSON type)."""
+    query: dict[str, Any] = {"status": STATUS_DEAD}
+    if ids is not None:
+        query["_id"] = {"$in": list(ids)}
+    if event_type is not None:
+        query["type"] = event_type
+    if key is not None:
+        query["key"] = key
+    if older_than is not None:
+        query["created_at"] = {"$lt": older_than}
+    return query
 
 
 def _typed(value: object, kind: type[_T]) -> _T | None:

@@ -19,6 +19,13 @@ __all__ = [
 ]
 
 
+#: How to turn a standalone mongod into the replica set the outbox needs (error messages).
+REPLICA_SET_FIX = (
+    "the outbox needs transactions and change streams, which need a replica set: start mongod "
+    "with --replSet rs0 and run rs.initiate() (a single node is enough)"
+)
+
+
 class OutboxError(Exception):
     """Base class of every mongo-outbox error."""
 

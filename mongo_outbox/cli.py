@@ -1,8 +1,9 @@
-"""The ``mongo-outbox`` command: relay, init, status, checkpoint, demo.
+"""The ``mongo-outbox`` command: relay, init, status, dead, requeue, checkpoint, demo.
 
 Every flag can also come from an environment variable ``MONGO_OUTBOX_<FLAG>`` (upper case,
 dashes as underscores), e.g. ``MONGO_OUTBOX_MONGO_URI``. Exit codes: 0 ok, 1 killed or
-unexpected error, 2 bad configuration, 3 cannot connect.
+unexpected error, 2 bad configuration (a missing outbox included), 3 cannot connect, 4
+``status --check`` failed.
 """
 
 from __future__ import annotations
@@ -19,15 +20,19 @@ import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from bson import ObjectId
 from pymongo import MongoClient
 from pymongo.errors import ConfigurationError as MongoConfigurationError
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
+from . import __version__
 from ._admin import OutboxAdmin, RelayInfo, shared_outbox_warning
-from ._errors import ConfigurationError, ConnectError, LeaseLostError
+from ._errors import REPLICA_SET_FIX, ConfigurationError, ConnectError, LeaseLostError
+from ._event import format_timestamp
+from ._logging import LOG_FORMATS, cli_logging, redact
+from ._oplog import headroom, read_oplog_window, token_time
 from ._store import OutboxStore, ensure_indexes
 
 __all__ = ["main", "parse_args"]
@@ -36,6 +41,7 @@ EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_CONFIG = 2
 EXIT_CONNECT = 3
+EXIT_CHECK = 4
 ENV_PREFIX = "MONGO_OUTBOX_"
 _HEX_ID = re.compile(r"[0-9a-fA-F]{24}")
 _INT_ID = re.compile(r"[-+]?[0-9]+")
@@ -137,6 +143,45 @@ def _add_mongo_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_log_flags(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """``--log-level`` and ``--log-format``; a subcommand's copy overrides the top one only
+    when given (its default is SUPPRESS), so the flags work before or after the command."""
+    p.add_argument(
+        "--log-level",
+        default=(_env("--log-level") or "INFO").upper() if top else argparse.SUPPRESS,
+        choices=_LOG_LEVELS,
+        type=str.upper,
+        help="DEBUG, INFO (default), WARNING or ERROR (env MONGO_OUTBOX_LOG_LEVEL)",
+    )
+    p.add_argument(
+        "--log-format",
+        default=(_env("--log-format") or "text").lower() if top else argparse.SUPPRESS,
+        choices=LOG_FORMATS,
+        type=str.lower,
+        help="text (default) or json: one JSON object per line (env MONGO_OUTBOX_LOG_FORMAT)",
+    )
+
+
+def _add_dead_filters(p: argparse.ArgumentParser) -> None:
+    """The filters ``requeue`` and ``dead`` share (all given must match)."""
+    p.add_argument(
+        "--id",
+        action="append",
+        dest="ids",
+        metavar="EVENT_ID",
+        help="event _id: matched as a string, and also as an ObjectId when it is 24 hex digits "
+        "and as an integer when it is one; repeatable",
+    )
+    p.add_argument("--type", dest="event_type", help="event type")
+    p.add_argument("--key", help="ordering key")
+    p.add_argument(
+        "--older-than",
+        type=float,
+        metavar="SECONDS",
+        help="only events created more than SECONDS ago",
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line and exit 2."""
 
@@ -149,14 +194,11 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="mongo-outbox",
         description="Transactional outbox for MongoDB: relay committed events to Pub/Sub.",
         epilog="Every flag can also be set as MONGO_OUTBOX_<FLAG>, e.g. MONGO_OUTBOX_MONGO_URI. "
-        "Exit codes: 0 ok, 1 killed or unexpected, 2 bad configuration, 3 cannot connect.",
+        "Exit codes: 0 ok, 1 killed or unexpected, 2 bad configuration, 3 cannot connect, "
+        "4 status --check failed.",
     )
-    parser.add_argument(
-        "--log-level",
-        default=_env("--log-level") or "INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        type=str.upper,
-    )
+    parser.add_argument("--version", action="version", version=f"mongo-outbox {__version__}")
+    _add_log_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     relay = sub.add_parser(
@@ -216,6 +258,25 @@ def _build_parser() -> argparse.ArgumentParser:
         "so that other topics flow (default 30)",
     )
     relay.add_argument(
+        "--http-port",
+        type=_number(int, "--http-port"),
+        default=_env("--http-port"),
+        help="serve /metrics, /healthz and /readyz on this port (env MONGO_OUTBOX_HTTP_PORT; "
+        "off by default)",
+    )
+    relay.add_argument(
+        "--http-host",
+        default=_env("--http-host") or "0.0.0.0",
+        help="address the HTTP side listens on (default 0.0.0.0)",
+    )
+    relay.add_argument(
+        "--unhealthy-after",
+        type=_number(float, "--unhealthy-after"),
+        default=_env("--unhealthy-after") or "60.0",
+        help="/healthz answers 503 once the relay has made no progress, or its pipeline has kept "
+        "failing, for this many seconds (default 60)",
+    )
+    relay.add_argument(
         "--max-attempts",
         type=_number(int, "--max-attempts"),
         default=_env("--max-attempts") or "10",
@@ -235,24 +296,82 @@ def _build_parser() -> argparse.ArgumentParser:
         "wait until it is requeued",
     )
 
-    init = sub.add_parser("init", help="create the outbox collections and indexes")
+    init = sub.add_parser(
+        "init",
+        help="create the outbox collections and indexes",
+        description="Create the outbox collection, its relay state collection and their "
+        "indexes (idempotent). The application can do the same with ensure_indexes().",
+    )
     _add_mongo_flags(init)
 
-    status = sub.add_parser("status", help="pending, published and dead counts, lag, checkpoint")
+    status = sub.add_parser(
+        "status",
+        help="pending, failing and dead counts, lag, checkpoint, relays",
+        description="Show the outbox: events per status, pending events that have failed and "
+        "why, the newest dead events, the age of the oldest pending event, the checkpoint and "
+        "the relays holding a lease. With --check, exit 4 when events are dead or the oldest "
+        "pending event is older than --max-lag: for scripts and alerts. A missing outbox "
+        "collection is an error (exit 2); nothing is created.",
+    )
     _add_mongo_flags(status)
     status.add_argument("--name", default=_env("--name") or "default", help="relay name")
     status.add_argument(
         "--json", action="store_true", default=None, help="print JSON (env MONGO_OUTBOX_JSON)"
     )
+    status.add_argument(
+        "--check",
+        action="store_true",
+        default=None,
+        help="exit 4 when events are dead or the oldest pending event is older than --max-lag "
+        "(env MONGO_OUTBOX_CHECK)",
+    )
+    status.add_argument(
+        "--max-lag",
+        type=_number(float, "--max-lag"),
+        default=_env("--max-lag"),
+        metavar="SECONDS",
+        help="with --check: the age the oldest pending event may reach (implies --check; "
+        "env MONGO_OUTBOX_MAX_LAG)",
+    )
 
-    checkpoint = sub.add_parser("checkpoint", help="inspect or reset a relay's resume token")
+    checkpoint = sub.add_parser(
+        "checkpoint",
+        help="show or reset a relay's resume token",
+        description="show (default): when the relay last saved its change stream position "
+        "and the cluster time that position points at. reset: forget it, so that the next "
+        "start opens the stream now and sweeps every pending event (gap-free).",
+    )
     _add_mongo_flags(checkpoint)
     checkpoint.add_argument(
         "action",
-        choices=["reset"],
-        help="reset: forget the token; the next start runs the gap-free recovery sweep",
+        nargs="?",
+        default="show",
+        choices=["show", "reset"],
+        help="show: the checkpoint's time and age; reset: forget the token; the next start "
+        "runs the gap-free recovery sweep",
     )
     checkpoint.add_argument("--name", default=_env("--name") or "default", help="relay name")
+    checkpoint.add_argument(
+        "--json", action="store_true", default=None, help="print JSON (show only)"
+    )
+
+    dead = sub.add_parser(
+        "dead",
+        help="list dead events and why they died",
+        description="List dead events, newest first, with their reasons. Filter as requeue "
+        "does (all filters must match); then requeue them with the same filters.",
+    )
+    _add_mongo_flags(dead)
+    _add_dead_filters(dead)
+    dead.add_argument(
+        "--limit",
+        type=_number(int, "--limit"),
+        default=_env("--limit") or "20",
+        help="most events listed (default 20)",
+    )
+    dead.add_argument(
+        "--json", action="store_true", default=None, help="print JSON (env MONGO_OUTBOX_JSON)"
+    )
 
     requeue = sub.add_parser(
         "requeue",
@@ -262,22 +381,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "pass --all.",
     )
     _add_mongo_flags(requeue)
-    requeue.add_argument(
-        "--id",
-        action="append",
-        dest="ids",
-        metavar="EVENT_ID",
-        help="event _id: matched as a string, and also as an ObjectId when it is 24 hex digits "
-        "and as an integer when it is one; repeatable",
-    )
-    requeue.add_argument("--type", dest="event_type", help="event type")
-    requeue.add_argument("--key", help="ordering key")
-    requeue.add_argument(
-        "--older-than",
-        type=float,
-        metavar="SECONDS",
-        help="only events created more than SECONDS ago",
-    )
+    _add_dead_filters(requeue)
     requeue.add_argument("--all", action="store_true", help="every dead event")
 
     sub.add_parser(
@@ -286,10 +390,12 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Start a single-node replica set and the Pub/Sub emulator, write orders with "
         "events, relay them and show them arriving on a subscription; then stop everything.",
     )
+    for command in sub.choices.values():
+        _add_log_flags(command)
     return parser
 
 
-_BOOL_FLAGS = ("create_topics", "once", "json")
+_BOOL_FLAGS = ("create_topics", "once", "json", "check")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -302,6 +408,14 @@ def _resolve_env(args: argparse.Namespace) -> None:
         raise _Exit(
             EXIT_CONFIG, f"log level {args.log_level!r} is not one of {', '.join(_LOG_LEVELS)}"
         )
+    if args.log_format not in LOG_FORMATS:
+        raise _Exit(
+            EXIT_CONFIG,
+            f"{_env_name('--log-format')}={args.log_format!r} is not one of "
+            f"{', '.join(LOG_FORMATS)}",
+        )
+    if getattr(args, "max_lag", None) is not None:
+        args.check = True
 
 
 def _connect(args: argparse.Namespace, *, need_database: bool = True) -> MongoClient[Any]:
@@ -334,11 +448,7 @@ def _connect(args: argparse.Namespace, *, need_database: bool = True) -> MongoCl
         raise ConfigurationError(f"MongoDB at {safe} refused us: {_scrub(str(exc), uri)}") from exc
     if "setName" not in hello and hello.get("msg") != "isdbgrid":
         client.close()
-        raise ConfigurationError(
-            f"MongoDB at {safe} is a standalone server; the outbox needs transactions and change "
-            "streams, which need a replica set: start mongod with --replSet rs0 and run "
-            "rs.initiate() (a single node is enough)",
-        )
+        raise ConfigurationError(f"MongoDB at {safe} is a standalone server; {REPLICA_SET_FIX}")
     return client
 
 
@@ -364,14 +474,17 @@ def _age(value: Any) -> float | None:
 def _cmd_status(args: argparse.Namespace) -> int:
     client = _connect(args)
     try:
-        admin = OutboxAdmin(client[args.database], args.collection)
+        admin = _existing_outbox(client, args)
         counts = admin.counts()
         oldest = admin.oldest_pending()
         state = OutboxStore(client[args.database], args.collection).load_state(args.name)
         errors = admin.newest_errors()
+        failing, reasons = admin.failing_pending()
         relays = admin.active_relays()
+        window = read_oplog_window(client)
     finally:
         client.close()
+    room = headroom(state.get("resume_token"), window)
     live = [r for r in relays if r.live]
     warnings = [shared_outbox_warning([r.name for r in live], admin.name)] if len(live) > 1 else []
     report: dict[str, Any] = {
@@ -381,10 +494,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
         "relay": args.name,
         "has_checkpoint": state.get("resume_token") is not None,
         "checkpoint_age_s": _age(state.get("checkpoint_at")),
+        "checkpoint_at": _iso(state.get("checkpoint_at")),
         "lease_owner": state.get("lease_owner"),
-        "lease_expires_at": str(state["lease_expires_at"])
-        if state.get("lease_expires_at")
-        else None,
+        "lease_expires_at": _iso(state.get("lease_expires_at")),
+        "failing": failing,
+        "failing_reasons": [
+            {
+                "error": r.error,
+                "events": r.events,
+                "max_attempts": r.max_attempts,
+                "next_attempt_at": _iso(r.next_attempt_at),
+            }
+            for r in reasons
+        ],
         "newest_dead": [
             {
                 "id": str(e["_id"]),
@@ -395,13 +517,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
             }
             for e in errors
         ],
+        "oplog_window_s": window.seconds,
+        "oplog_headroom_s": room,
+        "oplog_unavailable": window.unavailable,
         "relays": [_relay_report(r) for r in relays],
         "live_relays": [r.name for r in live],
         "warnings": warnings,
     }
+    problems = _check_problems(report, args.max_lag) if args.check else []
+    if args.check:
+        report["check"] = {"ok": not problems, "failures": problems}
+    code = EXIT_CHECK if problems else EXIT_OK
     if args.json:
         print(json.dumps(report, indent=2))
-        return EXIT_OK
+        return code
 
     def fmt_age(v: float | None) -> str:
         return "-" if v is None else f"{v:.1f}s"
@@ -410,9 +539,21 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"pending           {counts['pending']}")
     print(f"published         {counts['published']}")
     print(f"dead              {counts['dead']}")
+    print(f"failing           {failing}")
+    for r in reasons:
+        events = f"{r.events} event{'s' if r.events != 1 else ''}"
+        print(f"  {events}, up to {r.max_attempts} attempts: {r.error}")
     print(f"oldest pending    {fmt_age(report['oldest_pending_age_s'])}")
     checkpoint = fmt_age(report["checkpoint_age_s"]) if report["has_checkpoint"] else "none"
     print(f"checkpoint ({args.name})  {checkpoint}")
+    if window.unavailable is not None:
+        print(f"oplog             unknown: {window.unavailable}")
+    else:
+        low = room is not None and window.seconds and room < window.seconds / 4
+        print(
+            f"oplog window      {fmt_age(window.seconds)}, checkpoint headroom {fmt_age(room)}"
+            + ("  (low: under a quarter of the window)" if low else "")
+        )
     print(f"lease owner       {report['lease_owner'] or '-'}")
     holders = ", ".join(f"{r.name} ({r.owner}, {r.lease_remaining or 0:.1f}s left)" for r in live)
     print(f"live relays       {holders or '-'}")
@@ -420,7 +561,43 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"warning: {warning}")
     for e in report["newest_dead"]:
         print(f"dead {e['id']} {e['type']} key={e['key']}: {e['error']}")
-    return EXIT_OK
+    if args.check:
+        for problem in problems:
+            print(f"check failed: {problem}")
+        if not problems:
+            print("check ok")
+    return code
+
+
+def _iso(value: Any) -> str | None:
+    """ISO 8601 in UTC (as the message attributes), or None when ``value`` is no datetime."""
+    return format_timestamp(value) if isinstance(value, _dt.datetime) else None
+
+
+def _check_problems(report: dict[str, Any], max_lag: float | None) -> list[str]:
+    """Why ``status --check`` fails: dead events, or a pending event older than ``max_lag``."""
+    problems = []
+    dead = report["dead"]
+    if dead:
+        problems.append(
+            f"{dead} dead event{'s' if dead != 1 else ''}: list them with `mongo-outbox dead`, "
+            "requeue them with `mongo-outbox requeue` once the cause is fixed"
+        )
+    age = report["oldest_pending_age_s"]
+    if max_lag is not None and age is not None and age > max_lag:
+        problems.append(f"the oldest pending event is {age:.0f}s old (limit {max_lag:g}s)")
+    return problems
+
+
+def _existing_outbox(client: MongoClient[Any], args: argparse.Namespace) -> OutboxAdmin:
+    """The admin of the outbox collection, which must exist: a typo creates nothing."""
+    admin = OutboxAdmin(client[args.database], args.collection)
+    if not admin.exists():
+        raise ConfigurationError(
+            f"no outbox collection {admin.name}: check --database/--collection, "
+            "or run `mongo-outbox init`"
+        )
+    return admin
 
 
 def _relay_report(relay: RelayInfo) -> dict[str, Any]:
@@ -429,13 +606,15 @@ def _relay_report(relay: RelayInfo) -> dict[str, Any]:
         "name": relay.name,
         "owner": relay.owner,
         "live": relay.live,
-        "lease_expires_at": expires.isoformat() if expires else None,
+        "lease_expires_at": _iso(expires),
         "lease_remaining_s": relay.lease_remaining,
         "checkpoint_age_s": _age(relay.checkpoint_at),
     }
 
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    if args.action == "show":
+        return _checkpoint_show(args)
     client = _connect(args)
     try:
         reset = OutboxAdmin(client[args.database], args.collection).reset_token(args.name)
@@ -443,6 +622,90 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
         client.close()
     print(f"checkpoint of relay {args.name!r} " + ("reset" if reset else "was not set"))
     return EXIT_OK
+
+
+def _checkpoint_show(args: argparse.Namespace) -> int:
+    client = _connect(args)
+    try:
+        admin = _existing_outbox(client, args)
+        state = OutboxStore(admin.db, args.collection).load_state(args.name)
+    finally:
+        client.close()
+    token = state.get("resume_token")
+    token = token if isinstance(token, dict) else None
+    at = token_time(token)
+    token_at = _dt.datetime.fromtimestamp(at.time, _dt.timezone.utc) if at else None
+    report = {
+        "outbox": admin.name,
+        "relay": args.name,
+        "has_checkpoint": token is not None,
+        "checkpoint_at": _iso(state.get("checkpoint_at")),
+        "checkpoint_age_s": _age(state.get("checkpoint_at")),
+        "token_time": _iso(token_at),
+        "token_age_s": _age(token_at),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    if token is None:
+        print(f"relay {args.name!r} has no checkpoint: its next start sweeps every pending event")
+        return EXIT_OK
+
+    def when(iso: str | None, age: float | None) -> str:
+        return "-" if iso is None else f"{iso} ({age or 0:.1f}s ago)"
+
+    print(f"relay             {args.name}")
+    print(f"checkpoint at     {when(report['checkpoint_at'], report['checkpoint_age_s'])}")
+    print(f"token time        {when(report['token_time'], report['token_age_s'])}")
+    return EXIT_OK
+
+
+def _cmd_dead(args: argparse.Namespace) -> int:
+    ids = None if args.ids is None else [v for i in args.ids for v in _id_values(i)]
+    client = _connect(args)
+    try:
+        admin = _existing_outbox(client, args)
+        total, events = admin.dead_events(
+            ids=ids,
+            event_type=args.event_type,
+            key=args.key,
+            older_than=_older_than(args.older_than),
+            limit=args.limit,
+        )
+    finally:
+        client.close()
+    listed = [
+        {
+            "id": str(e["_id"]),
+            "type": e.get("type"),
+            "topic": e.get("topic"),
+            "key": e.get("key"),
+            "attempts": e.get("attempts"),
+            "created_at": _iso(e.get("created_at")),
+            "error": e.get("last_error"),
+        }
+        for e in events
+    ]
+    if args.json:
+        print(json.dumps({"outbox": admin.name, "total": total, "events": listed}, indent=2))
+        return EXIT_OK
+    if not listed:
+        print("no dead events")
+        return EXIT_OK
+    for e in listed:
+        print(
+            f"{e['id']} {e['type']} topic={e['topic']} key={e['key']} attempts={e['attempts']} "
+            f"created={e['created_at']}: {e['error']}"
+        )
+    if total > len(listed):
+        print(f"showing {len(listed)} of {total} (--limit)")
+    return EXIT_OK
+
+
+def _older_than(seconds: float | None) -> _dt.datetime | None:
+    if seconds is None:
+        return None
+    return _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(seconds=seconds)
 
 
 def _cmd_requeue(args: argparse.Namespace) -> int:
@@ -453,12 +716,10 @@ def _cmd_requeue(args: argparse.Namespace) -> int:
             "say which dead events to requeue: --id, --type, --key, --older-than, or --all",
         )
     ids = None if args.ids is None else [v for i in args.ids for v in _id_values(i)]
-    older = None
-    if args.older_than is not None:
-        older = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(seconds=args.older_than)
+    older = _older_than(args.older_than)
     client = _connect(args)
     try:
-        admin = OutboxAdmin(client[args.database], args.collection)
+        admin = _existing_outbox(client, args)
         count = admin.requeue(ids=ids, event_type=args.event_type, key=args.key, older_than=older)
     finally:
         client.close()
@@ -494,6 +755,7 @@ def _cmd_relay(args: argparse.Namespace) -> int:
             max_batch_bytes=args.max_batch_bytes,
             queue_bytes=2 * args.max_batch_bytes,
             isolate_after=args.isolate_after,
+            unhealthy_after=args.unhealthy_after,
             max_attempts=args.max_attempts,
             lease_ttl=args.lease_ttl,
             dead_key_policy=args.dead_key_policy,
@@ -504,10 +766,22 @@ def _cmd_relay(args: argparse.Namespace) -> int:
             check_topic(args.default_topic)
     except ValueError as exc:
         raise _Exit(EXIT_CONFIG, f"bad relay setting: {exc}") from exc
+    if args.http_port is not None and args.http_port > 65535:
+        raise _Exit(EXIT_CONFIG, f"--http-port {args.http_port} is not a port (1-65535)")
     client = _connect(args)
     publisher = PubSubPublisher(args.project, create_topics=args.create_topics)
     relay = Relay(client, publisher, config)
+    server = None
     try:
+        if args.http_port is not None:
+            from .relay._http import RelayHTTPServer
+
+            try:
+                server = RelayHTTPServer(relay, args.http_host, args.http_port)
+            except OSError as exc:
+                raise _Exit(
+                    EXIT_CONFIG, f"cannot serve HTTP on {args.http_host}:{args.http_port}: {exc}"
+                ) from exc
         if args.once:
             try:
                 count = relay.run_once()
@@ -529,6 +803,8 @@ def _cmd_relay(args: argparse.Namespace) -> int:
         log.info("stopped after publishing %d events", relay.stats.published)
         return EXIT_OK
     finally:
+        if server is not None:
+            server.close()
         publisher.close()
         client.close()
 
@@ -564,12 +840,13 @@ _COMMANDS = {
     "status": _cmd_status,
     "checkpoint": _cmd_checkpoint,
     "requeue": _cmd_requeue,
+    "dead": _cmd_dead,
     "demo": _cmd_demo,
 }
 
 
 def _fail(code: int, message: str) -> NoReturn:
-    print(f"mongo-outbox: error: {message}", file=sys.stderr)
+    print(f"mongo-outbox: error: {redact(message)}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -592,9 +869,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         _build_parser().print_help()
         return EXIT_CONFIG
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    with cli_logging(args.log_level, args.log_format, secrets=_uri_secrets(args)):
+        return _run_command(args)
+
+
+def _uri_secrets(args: argparse.Namespace) -> list[str]:
+    """The MongoDB password, as written and decoded, for the log filter to scrub."""
+    uri = getattr(args, "mongo_uri", None)
+    if not uri:
+        return []
+    try:
+        password = urlsplit(uri).password
+    except ValueError:
+        return []
+    return [password, unquote(password)] if password else []
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         return _COMMANDS[args.command](args)
     except _Exit as exc:

@@ -630,9 +630,9 @@ def test_status_json(mongodb_uri, outbox_database, mongo_client):
     ]
 
 
-def test_status_json_of_an_empty_outbox(mongodb_uri, outbox_database, capsys):
+def test_status_json_of_an_empty_outbox(mongodb_uri, db_name, capsys):
     code, out, err = _exit_code(
-        ["status", "--json", "--mongo-uri", mongodb_uri, "--database", outbox_database], capsys
+        ["status", "--json", "--mongo-uri", mongodb_uri, "--database", db_name], capsys
     )
     assert code == 0, err
     report = json.loads(out)
@@ -726,15 +726,15 @@ def test_status_prints_dead_events_of_any_id_type(mongodb_uri, outbox_database, 
 
 
 def test_status_shows_live_relays_and_warns_about_two_names(
-    mongodb_uri, outbox_database, mongo_client, capsys
+    mongodb_uri, db_name, mongo_client, capsys
 ):
-    state = mongo_client[outbox_database][state_collection_name("outbox")]
+    state = mongo_client[db_name][state_collection_name("outbox")]
     for name, owner in [("default", "host:1"), ("billing", "host:2")]:
         assert Lease(state, name, owner, ttl=60).try_acquire()
     state.insert_one({"_id": "old", "lease_owner": "host:3", "fence": 2})  # no live lease
-    base = ["status", "--mongo-uri", mongodb_uri, "--database", outbox_database]
+    base = ["status", "--mongo-uri", mongodb_uri, "--database", db_name]
     warning = (
-        f"relay names billing and default both publish from outbox {outbox_database}.outbox: "
+        f"relay names billing and default both publish from outbox {db_name}.outbox: "
         "every event is published by each; give them the same --name (one active, others "
         "standby)"
     )
@@ -761,11 +761,11 @@ def test_status_shows_live_relays_and_warns_about_two_names(
     assert report["warnings"] == [warning]
 
 
-def test_status_with_one_live_relay_warns_of_nothing(mongodb_uri, outbox_database, mongo_client):
-    state = mongo_client[outbox_database][state_collection_name("outbox")]
+def test_status_with_one_live_relay_warns_of_nothing(mongodb_uri, db_name, mongo_client):
+    state = mongo_client[db_name][state_collection_name("outbox")]
     assert Lease(state, "default", "host:1", ttl=60).try_acquire()
     assert Lease(state, "default", "host:2", ttl=60).try_acquire() is False  # a standby
-    result = _run("status", "--json", "--mongo-uri", mongodb_uri, "--database", outbox_database)
+    result = _run("status", "--json", "--mongo-uri", mongodb_uri, "--database", db_name)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["live_relays"] == ["default"]
@@ -780,3 +780,381 @@ def test_connection_failures_are_library_errors(closed_port):
     args = parse_args(["init", "--mongo-uri", "notmongo://x", "--database", "d"])
     with pytest.raises(ConfigurationError, match="invalid MongoDB URI"):
         cli._connect(args)
+
+
+# -- version, help, log flags ----------------------------------------------------------------
+
+
+def test_version(capsys):
+    from mongo_outbox import __version__
+
+    code, out, _ = _exit_code(["--version"], capsys)
+    assert code == 0
+    assert out.strip() == f"mongo-outbox {__version__}"
+    result = _run("--version", script=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"mongo-outbox {__version__}"
+
+
+def _description(help_text: str) -> str:
+    """The paragraph between a help text's usage lines and its argument lists."""
+    body = help_text.split("\n\n", 1)[1]
+    return body.split("\n\n", 1)[0].strip()
+
+
+@pytest.mark.parametrize("command", sorted({*COMMANDS, "dead"}))
+def test_every_command_has_a_description(command, capsys):
+    code, out, _ = _exit_code([command, "--help"], capsys)
+    assert code == 0
+    description = _description(out)
+    assert description, out
+    assert not description.startswith(("positional arguments", "options")), out
+
+
+def test_checkpoint_promises_only_what_it_offers(capsys):
+    _, top, _ = _exit_code(["--help"], capsys)
+    _, out, _ = _exit_code(["checkpoint", "--help"], capsys)
+    for text in (top, out):
+        if "inspect" in text:
+            assert "show" in out
+    assert "{show,reset}" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--log-level", "DEBUG", "--log-format", "json", "relay"],
+        ["relay", "--log-level", "DEBUG", "--log-format", "json"],
+        ["relay", "--log-level", "debug", "--log-format", "JSON"],
+        [
+            "--log-level",
+            "ERROR",
+            "--log-format",
+            "text",
+            "relay",
+            "--log-level",
+            "DEBUG",
+            "--log-format",
+            "json",
+        ],
+    ],
+    ids=["before", "after", "lower-case", "after-wins"],
+)
+def test_log_flags_before_or_after_the_subcommand(argv):
+    args = parse_args(argv)
+    assert (args.log_level, args.log_format) == ("DEBUG", "json")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[c] for c in ("init", "status", "dead", "demo")] + [["checkpoint", "show"], ["requeue"]],
+)
+def test_log_flags_after_every_subcommand(command):
+    args = parse_args([*command, "--log-level", "WARNING", "--log-format", "json"])
+    assert (args.log_level, args.log_format) == ("WARNING", "json")
+
+
+def test_log_settings_from_the_environment(monkeypatch):
+    assert (parse_args(["status"]).log_level, parse_args(["status"]).log_format) == (
+        "INFO",
+        "text",
+    )
+    monkeypatch.setenv("MONGO_OUTBOX_LOG_LEVEL", "debug")
+    monkeypatch.setenv("MONGO_OUTBOX_LOG_FORMAT", "json")
+    args = parse_args(["status"])
+    assert (args.log_level, args.log_format) == ("DEBUG", "json")
+    args = parse_args(["status", "--log-format", "text"])
+    assert args.log_format == "text"
+
+
+def test_bad_log_format_exits_2(capsys):
+    code, _, err = _exit_code(["relay", "--log-format", "xml"], capsys)
+    assert code == 2
+    assert "xml" in _one_error_line(err)
+    result = _run("init", env=_env(MONGO_OUTBOX_LOG_FORMAT="yaml"))
+    assert result.returncode == 2
+    assert "MONGO_OUTBOX_LOG_FORMAT" in _one_error_line(result.stderr)
+
+
+def test_relay_accepts_log_level_after_the_subcommand_as_a_process(closed_port):
+    uri = f"mongodb://127.0.0.1:{closed_port}/?serverSelectionTimeoutMS=500"
+    result = _run(
+        "relay",
+        "--log-level",
+        "DEBUG",
+        "--project",
+        "p",
+        "--mongo-uri",
+        uri,
+        "--database",
+        "d",
+        "--connect-timeout",
+        "1",
+        script=True,
+    )
+    assert result.returncode == 3, result.stderr  # got past the flags, to connecting
+    assert "unrecognized arguments" not in result.stderr
+
+
+# -- status: failures, --check, datetimes, a missing outbox ----------------------------------
+
+
+def _failing(client: MongoClient, database: str) -> list:
+    """Three pending events that failed (two for one reason), one that never did."""
+    docs = [ev.build_document("OrderCreated", {"n": n}, key=f"order-{n}") for n in range(4)]
+    soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=30)
+    docs[0].update(attempts=2, last_error="topic orders does not exist", next_attempt_at=soon)
+    docs[1].update(attempts=1, last_error="topic orders does not exist", next_attempt_at=soon)
+    docs[2].update(attempts=0, last_error="refused earlier, requeued")
+    client[database].outbox.insert_many(docs)
+    return [d["_id"] for d in docs]
+
+
+def test_status_shows_pending_events_that_failed(mongodb_uri, db_name, client, capsys):
+    _failing(client, db_name)
+    base = ["status", "--mongo-uri", mongodb_uri, "--database", db_name]
+    code, out, err = _exit_code(base, capsys)
+    assert code == 0, err
+    assert re.search(r"^pending\s+4$", out, re.MULTILINE), out
+    assert re.search(r"^failing\s+3$", out, re.MULTILINE), out
+    assert "2 events, up to 2 attempts: topic orders does not exist" in out
+    assert "1 event, up to 0 attempts: refused earlier, requeued" in out
+
+    code, out, err = _exit_code([*base, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["failing"] == 3
+    reasons = {r["error"]: r for r in report["failing_reasons"]}
+    assert reasons["topic orders does not exist"]["events"] == 2
+    assert reasons["topic orders does not exist"]["max_attempts"] == 2
+    assert reasons["refused earlier, requeued"]["events"] == 1
+
+
+ISO_8601 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
+
+
+def test_status_json_datetimes_are_iso_8601(mongodb_uri, db_name, client, capsys):
+    state = client[db_name][state_collection_name("outbox")]
+    assert Lease(state, "default", "host:1", ttl=60).try_acquire()
+    OutboxStore(client[db_name]).save_token(
+        "default", {"_data": "00"}, dt.datetime.now(dt.timezone.utc)
+    )
+    code, out, err = _exit_code(
+        ["status", "--json", "--mongo-uri", mongodb_uri, "--database", db_name], capsys
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert ISO_8601.match(report["lease_expires_at"]), report["lease_expires_at"]
+    assert ISO_8601.match(report["checkpoint_at"]), report["checkpoint_at"]
+    for relay in report["relays"]:
+        assert ISO_8601.match(relay["lease_expires_at"]), relay
+    # The same form as the message attribute outbox_created_at.
+    assert report["lease_expires_at"].endswith("Z")
+
+
+def test_status_check_passes_on_a_healthy_outbox(mongodb_uri, db_name, client, capsys):
+    client[db_name].outbox.insert_one(ev.build_document("E", b"x"))  # fresh and pending
+    base = ["status", "--mongo-uri", mongodb_uri, "--database", db_name]
+    code, out, err = _exit_code([*base, "--check", "--max-lag", "300"], capsys)
+    assert code == 0, err
+    assert "check ok" in out
+    code, out, err = _exit_code([*base, "--check", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["check"] == {"ok": True, "failures": []}
+
+
+def test_status_check_fails_on_dead_events(mongodb_uri, db_name, client, capsys):
+    _seed(client, db_name)
+    base = ["status", "--mongo-uri", mongodb_uri, "--database", db_name]
+    code, _, err = _exit_code(base, capsys)
+    assert code == 0, err  # without --check the status is only shown
+    code, out, _ = _exit_code([*base, "--check"], capsys)
+    assert code == cli.EXIT_CHECK == 4
+    assert "check failed: 1 dead event" in out
+    assert "mongo-outbox requeue" in out
+    result = _run(*base, "--check", "--json")
+    assert result.returncode == 4, result.stderr
+    report = json.loads(result.stdout)
+    assert report["check"]["ok"] is False
+    assert any("dead" in f for f in report["check"]["failures"])
+
+
+def test_status_check_fails_on_lag(mongodb_uri, db_name, client, capsys):
+    doc = ev.build_document("E", b"x")
+    doc["created_at"] = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
+    client[db_name].outbox.insert_one(doc)
+    base = ["status", "--mongo-uri", mongodb_uri, "--database", db_name]
+    code, out, err = _exit_code([*base, "--check"], capsys)
+    assert code == 0, err  # no lag limit given: only dead events fail the check
+    code, out, _ = _exit_code([*base, "--check", "--max-lag", "60"], capsys)
+    assert code == 4
+    assert re.search(r"check failed: the oldest pending event is \d+s old \(limit 60s\)", out), out
+    result = _run(*base, env=_env(MONGO_OUTBOX_CHECK="1", MONGO_OUTBOX_MAX_LAG="60"))
+    assert result.returncode == 4, result.stdout + result.stderr
+
+
+def test_status_max_lag_must_be_positive(capsys):
+    code, _, err = _exit_code(["status", "--check", "--max-lag", "-1"], capsys)
+    assert code == 2
+    assert "must be positive" in _one_error_line(err)
+
+
+@pytest.mark.parametrize("where", ["database", "collection"])
+def test_status_of_a_missing_outbox_says_so_and_creates_nothing(
+    where, mongodb_uri, db_name, client, capsys
+):
+    database, collection = (f"{db_name}x", "outbox") if where == "database" else (db_name, "oops")
+    argv = ["--mongo-uri", mongodb_uri, "--database", database, "--collection", collection]
+    for command in (["status"], ["status", "--check"], ["dead"], ["checkpoint", "show"]):
+        code, out, err = _exit_code([*command, *argv], capsys)
+        assert code == 2, (command, out, err)
+        line = _one_error_line(err)
+        assert f"no outbox collection {database}.{collection}" in line
+        assert "--database/--collection" in line
+        assert "mongo-outbox init" in line
+    assert database in client.list_database_names() or where == "database"
+    assert f"{db_name}x" not in client.list_database_names()
+    assert "oops" not in client[db_name].list_collection_names()
+
+
+# -- dead ------------------------------------------------------------------------------------
+
+
+def test_dead_lists_dead_events_with_reasons(mongodb_uri, db_name, client, capsys):
+    ids = _dead_docs(client, db_name)
+    client[db_name].outbox.insert_one(ev.build_document("Alive", b"x"))
+    base = ["dead", "--mongo-uri", mongodb_uri, "--database", db_name]
+    code, out, err = _exit_code(base, capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 3, out
+    assert any(line.startswith("abc OrderCreated") and "refused abc" in line for line in lines)
+    assert any(line.startswith("42 OrderCreated") and "key=order-1" in line for line in lines)
+    assert any(line.startswith(str(ids[2])) for line in lines)
+
+    code, out, err = _exit_code([*base, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["total"] == 3
+    by_id = {e["id"]: e for e in report["events"]}
+    assert set(by_id) == {"abc", "42", str(ids[2])}
+    assert by_id["abc"]["error"] == "refused abc"
+    assert by_id["42"]["attempts"] == 10
+    assert ISO_8601.match(by_id["42"]["created_at"])
+
+
+def test_dead_filters_and_limit(mongodb_uri, db_name, client, capsys):
+    ids = _dead_docs(client, db_name)
+    base = ["dead", "--json", "--mongo-uri", mongodb_uri, "--database", db_name]
+
+    def listed(*flags: str) -> list[str]:
+        code, out, err = _exit_code([*base, *flags], capsys)
+        assert code == 0, err
+        return sorted(e["id"] for e in json.loads(out)["events"])
+
+    assert listed("--id", "42") == ["42"]
+    assert listed("--id", str(ids[2]).upper(), "--id", "abc") == sorted(["abc", str(ids[2])])
+    assert listed("--key", "order-0") == ["abc"]
+    assert listed("--type", "Nope") == []
+    assert listed("--older-than", "3600") == []
+    assert len(listed("--limit", "2")) == 2
+    code, out, err = _exit_code([*base, "--limit", "2"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["total"] == 3
+    code, out, err = _exit_code(["dead", "--limit", "2", *base[2:]], capsys)
+    assert code == 0, err
+    assert "showing 2 of 3" in out
+
+
+def test_dead_of_an_outbox_with_none(mongodb_uri, db_name, capsys):
+    code, out, err = _exit_code(["dead", "--mongo-uri", mongodb_uri, "--database", db_name], capsys)
+    assert code == 0, err
+    assert out.strip() == "no dead events"
+
+
+# -- checkpoint show ------------------------------------------------------------------------
+
+
+def test_checkpoint_show(mongodb_uri, db_name, client, capsys):
+    base = ["checkpoint", "show", "--mongo-uri", mongodb_uri, "--database", db_name]
+    code, out, err = _exit_code(base, capsys)
+    assert code == 0, err
+    assert "relay 'default' has no checkpoint" in out
+    at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=90)
+    # A resume token whose cluster time is 120 s old: 0x82, 4 bytes of seconds, 4 of increment.
+    seconds = int(time.time()) - 120
+    token = {"_data": "82" + seconds.to_bytes(4, "big").hex() + "00000001" + "2B0229296E04"}
+    OutboxStore(client[db_name]).save_token("default", token, at)
+    code, out, err = _exit_code(base, capsys)
+    assert code == 0, err
+    assert re.search(r"^checkpoint at\s+\S+Z \(9\d\.\ds ago\)$", out, re.MULTILINE), out
+    assert re.search(r"^token time\s+\S+Z \(1[12]\d\.\ds ago\)$", out, re.MULTILINE), out
+    code, out, err = _exit_code([*base, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["relay"] == "default"
+    assert 85 < report["checkpoint_age_s"] < 200
+    assert 115 < report["token_age_s"] < 250
+    assert ISO_8601.match(report["checkpoint_at"])
+
+
+# -- error messages that name the fix ---------------------------------------------------------
+
+
+def test_missing_topic_error_names_both_fixes():
+    from google.api_core import exceptions as gexc
+
+    from mongo_outbox.publishers._pubsub import map_google_error
+
+    error = map_google_error(gexc.NotFound("Topic not found"), "projects/p/topics/orders")
+    assert "--create-topics" in str(error)
+    assert "mongo-outbox requeue" in str(error)
+
+
+def test_library_on_a_standalone_server_names_the_fix(standalone_uri):
+    import asyncio
+
+    from pymongo import AsyncMongoClient
+
+    from mongo_outbox import outbox_transaction, run_in_outbox_transaction
+
+    def check(excinfo: pytest.ExceptionInfo[ConfigurationError]) -> None:
+        message = str(excinfo.value)
+        assert "standalone" in message
+        assert "--replSet" in message
+        assert "rs.initiate()" in message
+        assert getattr(excinfo.value.__cause__, "code", None) == 20
+
+    with contextlib.closing(MongoClient(standalone_uri, serverSelectionTimeoutMS=5000)) as c:
+        with pytest.raises(ConfigurationError) as excinfo:
+            with outbox_transaction(c, database="lib") as tx:
+                tx.emit("E", b"x")
+        check(excinfo)
+        with pytest.raises(ConfigurationError) as excinfo:
+            with outbox_transaction(c, database="lib") as tx:
+                c.lib.orders.insert_one({"n": 1}, session=tx.session)
+                tx.emit("E", b"x")
+        check(excinfo)
+        with pytest.raises(ConfigurationError) as excinfo:
+            run_in_outbox_transaction(c, lambda tx: tx.emit("E", b"x"), database="lib")
+        check(excinfo)
+        assert "lib" not in c.list_database_names()
+
+    async def run_async() -> None:
+        ac: AsyncMongoClient = AsyncMongoClient(standalone_uri, serverSelectionTimeoutMS=5000)
+        try:
+            with pytest.raises(ConfigurationError) as excinfo:
+                async with outbox_transaction(ac, database="lib") as tx:
+                    await ac.lib.orders.insert_one({"n": 1}, session=tx.session)
+            check(excinfo)
+
+            async def fn(tx):
+                return tx.emit("E", b"x")
+
+            with pytest.raises(ConfigurationError) as excinfo:
+                await run_in_outbox_transaction(ac, fn, database="lib")
+            check(excinfo)
+        finally:
+            await ac.close()
+
+    asyncio.run(run_async())

@@ -97,7 +97,10 @@ class Dispatcher:
                 if hold_dead and record.slot is not None:
                     self.gate.hold([record.slot])  # its later events wait until it is requeued
                 log.error(
-                    "outbox document %r set aside as dead: %s", record.event_id, record.reason
+                    "outbox document %r set aside as dead: %s",
+                    record.event_id,
+                    record.reason,
+                    extra={"event_id": record.event_id},
                 )
                 continue
             slot = message_slot(record.message)
@@ -152,6 +155,7 @@ class Dispatcher:
                     failure.attempts,
                     ", now dead" if failure.next_attempt_at is None else "",
                     failure.error,
+                    extra={"event_id": failure.event_id},
                 )
             for topic in outcome.succeeded_topics:
                 self.breaker.succeeded(topic)

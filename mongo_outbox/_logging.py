@@ -1,0 +1,134 @@
+"""Logging for the ``mongo-outbox`` command: text or JSON lines, credentials always redacted.
+
+Library code attaches an event id to a record with ``extra={"event_id": ...}``; the JSON
+format prints it (and any other extra) as a field of its own.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+__all__ = ["LOG_FORMATS", "JsonFormatter", "RedactingFilter", "cli_logging", "redact"]
+
+LOG_FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# The user info of a MongoDB URI: everything up to the last "@" before the host list ends.
+_URI_CREDENTIALS = re.compile(r"(mongodb(?:\+srv)?://)[^\s/?#'\"]*@", re.IGNORECASE)
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with the credentials of every MongoDB URI and every given secret replaced."""
+    text = _URI_CREDENTIALS.sub(r"\1***@", text)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """Scrubs URI credentials (and known ``secrets``) from a record's message, arguments,
+    exception text and string extras. Install it on a handler so it sees every record."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        # Longest first, so a secret that contains another is replaced whole.
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad log call: keep its parts, never raise into the caller
+            message = f"{record.msg} {record.args!r}"
+        record.msg = redact(message, self._secrets)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self._secrets)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info, self._secrets)
+        for name, value in list(record.__dict__.items()):
+            if name not in _STANDARD and isinstance(value, str):
+                setattr(record, name, redact(value, self._secrets))
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (ISO 8601 UTC), level, logger, message, ``event_id``
+    when the record carries one, other extras, and ``exc_info`` as a string."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc)
+        entry: dict[str, Any] = {
+            "time": when.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name, value in record.__dict__.items():
+            if name not in _STANDARD and name not in entry:
+                entry[name] = str(value) if name == "event_id" else value
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exc_info"] = record.exc_text
+        if record.stack_info:
+            entry["stack_info"] = self.formatStack(record.stack_info)
+        # ASCII only: no character in the line can be taken for a line break.
+        return json.dumps(entry, default=str)
+
+
+class _StderrHandler(logging.StreamHandler[TextIO]):
+    """Writes to whatever ``sys.stderr`` is at the time (tests swap it)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
+@contextmanager
+def cli_logging(
+    level: str,
+    log_format: str = "text",
+    *,
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
+) -> Iterator[None]:
+    """Log to stderr (or ``stream``) at ``level`` in ``log_format`` with credentials redacted;
+    the root logger's handlers and level are restored on leaving."""
+    handler: logging.Handler = _StderrHandler() if stream is None else logging.StreamHandler(stream)
+    handler.setFormatter(
+        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    )
+    handler.addFilter(RedactingFilter(secrets))
+    root = logging.getLogger()
+    saved_level = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved_level)
+        handler.close()
