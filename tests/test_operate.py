@@ -30,6 +30,8 @@ def _get(port: int, path: str) -> tuple[int, str]:
             return reply.status, reply.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+    except urllib.error.URLError as exc:
+        return 0, str(exc.reason)  # not listening (yet)
 
 
 def _metrics(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -208,3 +210,88 @@ def test_low_oplog_headroom_is_warned_about_before_the_token_is_lost(caplog, ser
         finally:
             runner.stop()
             client.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_relay_process_serves_metrics_that_match_the_subscription(
+    client, db_name, pubsub, mongodb_uri
+):
+    from faults import RelayProcess, relay_env
+
+    topic, sub = pubsub.topic()
+    port = _free_port()
+    env = relay_env(
+        mongodb_uri,
+        db_name,
+        pubsub.project,
+        topic,
+        MONGO_OUTBOX_HTTP_PORT=str(port),
+        MONGO_OUTBOX_HTTP_HOST="127.0.0.1",
+        MONGO_OUTBOX_MAX_ATTEMPTS="1",
+    )
+    relay = RelayProcess(env)
+    try:
+        wait_for(lambda: relay.alive() and _get(port, "/readyz") == (200, "active\n"), timeout=30)
+        _emit(client, db_name, 300)
+        _emit(client, db_name, 5, topic="no-such-topic", key=None)
+        received = sub.pull_until(300, timeout=120)
+
+        def settled() -> dict[Any, float] | None:
+            m = _metrics(port)
+            dead = _value(m, "mongo_outbox_events_dead_total")
+            return m if dead == 5 and _value(m, "mongo_outbox_events_published_total") else None
+
+        m = wait_for(settled, timeout=60)
+        assert _value(m, "mongo_outbox_events_published_total", topic=topic) == len(
+            {r.attributes["outbox_event_id"] for r in received}
+        )
+        assert _get(port, "/healthz") == (200, "ok\n")
+        assert relay.terminate() == 0, relay.output()
+    finally:
+        relay.close()
+
+
+def test_status_shows_the_oplog_window_and_the_checkpoint_headroom(
+    client, db_name, relay_factory, mongodb_uri, capsys
+):
+    from mongo_outbox.cli import main
+
+    relay = relay_factory(db_name, publisher=InMemoryPublisher())
+    wait_for(lambda: client[db_name].outbox_relay_state.find_one({"resume_token": {"$ne": None}}))
+    relay.stop()
+    assert main(["status", "--mongo-uri", mongodb_uri, "--database", db_name]) == 0
+    out = capsys.readouterr().out
+    assert "oplog window" in out, out
+    assert "checkpoint headroom" in out, out
+    assert main(["status", "--mongo-uri", mongodb_uri, "--database", db_name, "--json"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert report["oplog_window_s"] >= 0
+    assert report["oplog_headroom_s"] is not None
+    assert report["oplog_headroom_s"] >= 0
+    assert report["oplog_unavailable"] is None
+
+
+def test_kubernetes_and_docker_probe_the_endpoints_the_relay_serves():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "docker"
+    manifest = (root / "k8s" / "relay.yaml").read_text()
+    dockerfile = (root / "Dockerfile").read_text()
+    for text in (manifest, dockerfile):
+        assert "/healthz" in text
+        assert "9464" in text
+    assert "/readyz" in manifest
+    assert "secretRef" in manifest
+    assert "MONGO_OUTBOX_MONGO_URI" in manifest
+    assert "terminationGracePeriodSeconds" in manifest
+    assert "HEALTHCHECK" in dockerfile
+    assert "MONGO_OUTBOX_HTTP_PORT=9464" in dockerfile
