@@ -210,19 +210,22 @@ def _check_key(key: Any) -> tuple[str | None, int]:
     return key, size
 
 
-def _check_attributes(attributes: Any) -> tuple[dict[str, str], int]:
-    """The attributes, checked, and their size in bytes (names plus values)."""
+def _check_attributes(
+    attributes: Any, added: int = len(RESERVED_ATTRIBUTES)
+) -> tuple[dict[str, str], int]:
+    """The attributes, checked, and their size in bytes (names plus values); ``added`` is how
+    many attributes mongo-outbox adds to them."""
     if not attributes and (attributes is None or isinstance(attributes, Mapping)):
         return {}, 0
     if not isinstance(attributes, Mapping):
         raise ValidationError(
             f"attributes must be a dict of str to str, not {type(attributes).__name__}"
         )
-    limit = MAX_ATTRIBUTES - len(RESERVED_ATTRIBUTES)
+    limit = MAX_ATTRIBUTES - added
     if len(attributes) > limit:
         raise ValidationError(
             f"{len(attributes)} attributes given; Pub/Sub allows {MAX_ATTRIBUTES} per message "
-            f"and mongo-outbox may add {len(RESERVED_ATTRIBUTES)} (outbox_* and trace context), "
+            f"and mongo-outbox may add {added} (outbox_* and trace context), "
             f"so at most {limit}: move the rest into the payload"
         )
     checked: dict[str, str] = {}
@@ -268,6 +271,7 @@ _RESERVED_OVERHEAD = (
 )
 # The same without the trace context: the relay counts the context a document really has, so
 # documents written before trace contexts were counted are not refused for them.
+_OUTBOX_ATTRIBUTES = 3  # outbox_event_id, outbox_event_type, outbox_created_at
 _OUTBOX_OVERHEAD = len(ATTR_EVENT_ID) + len(ATTR_EVENT_TYPE) + len(ATTR_CREATED_AT) + 24 + 24
 
 
@@ -288,12 +292,13 @@ def _check_event(
     key: Any,
     attributes: Any,
     reserve: int = _RESERVED_OVERHEAD,
+    added: int = len(RESERVED_ATTRIBUTES),
 ) -> _CheckedEvent:
     """Every rule an event must meet to be published, shared by ``emit`` and the relay."""
     type_bytes = _check_type(event_type)
     topic = check_topic(topic)
     key, key_bytes = _check_key(key)
-    attrs, attrs_bytes = _check_attributes(attributes)
+    attrs, attrs_bytes = _check_attributes(attributes, added)
     data = encode_payload(payload)
     size = len(data) + key_bytes + attrs_bytes + reserve + type_bytes
     if size > MAX_MESSAGE_BYTES:
@@ -379,7 +384,13 @@ def message_from_document(doc: Mapping[str, Any], default_topic: str | None = No
     reserve = _OUTBOX_OVERHEAD + sum(len(k) + len(v) for k, v in trace_attributes.items())
     try:
         event = _check_event(
-            event_type, payload, doc.get("topic"), doc.get("key"), doc.get("attributes"), reserve
+            event_type,
+            payload,
+            doc.get("topic"),
+            doc.get("key"),
+            doc.get("attributes"),
+            reserve,
+            added=_OUTBOX_ATTRIBUTES + len(trace_attributes),
         )
     except ValidationError as exc:
         raise PoisonEventError(str(exc)) from exc

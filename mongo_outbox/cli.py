@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
 from bson import ObjectId
+from google.auth.exceptions import DefaultCredentialsError
 from pymongo import MongoClient
 from pymongo.errors import ConfigurationError as MongoConfigurationError
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
@@ -845,8 +846,11 @@ _COMMANDS = {
 }
 
 
-def _fail(code: int, message: str) -> NoReturn:
-    print(f"mongo-outbox: error: {redact(message)}", file=sys.stderr)
+def _fail(code: int, message: str, *, as_log: bool = False) -> NoReturn:
+    if as_log:  # --log-format json: the last line is a JSON log line too
+        log.error("%s", message, extra={"exit_code": code})
+    else:
+        print(f"mongo-outbox: error: {redact(message)}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -886,18 +890,30 @@ def _uri_secrets(args: argparse.Namespace) -> list[str]:
 
 
 def _run_command(args: argparse.Namespace) -> int:
+    as_log = args.log_format == "json"
     try:
         return _COMMANDS[args.command](args)
     except _Exit as exc:
-        _fail(exc.code, str(exc))
+        _fail(exc.code, str(exc), as_log=as_log)
     except ConfigurationError as exc:
-        _fail(EXIT_CONFIG, str(exc))
+        _fail(EXIT_CONFIG, str(exc), as_log=as_log)
     except ConnectError as exc:
-        _fail(EXIT_CONNECT, str(exc))
+        _fail(EXIT_CONNECT, str(exc), as_log=as_log)
     except ConnectionFailure as exc:
-        _fail(EXIT_CONNECT, f"lost the connection to MongoDB: {str(exc)[:300]}")
+        _fail(EXIT_CONNECT, f"lost the connection to MongoDB: {str(exc)[:300]}", as_log=as_log)
     except PyMongoError as exc:
-        _fail(EXIT_UNEXPECTED, f"MongoDB error: {type(exc).__name__}: {exc}")
+        _fail(EXIT_UNEXPECTED, f"MongoDB error: {type(exc).__name__}: {exc}", as_log=as_log)
+    except DefaultCredentialsError as exc:
+        _fail(
+            EXIT_CONFIG,
+            f"no Google Cloud credentials ({exc}): set GOOGLE_APPLICATION_CREDENTIALS, run "
+            "where the metadata server answers, or set PUBSUB_EMULATOR_HOST for the emulator",
+            as_log=as_log,
+        )
+    except Exception as exc:
+        # Through the logger, so the traceback is redacted (and JSON with --log-format json).
+        log.exception("unexpected error")
+        _fail(EXIT_UNEXPECTED, f"unexpected error: {type(exc).__name__}: {exc}", as_log=as_log)
 
 
 if __name__ == "__main__":

@@ -628,3 +628,13 @@ def test_attempts_of_tolerates_odd_values():
     assert ev.attempts_of({"attempts": True}) == 0
     assert ev.attempts_of({"attempts": "2"}) == 0
     assert ev.attempts_of({"attempts": None}) == 0
+
+
+def test_documents_written_before_trace_attributes_were_reserved_are_still_published():
+    # Earlier versions let 97 user attributes through: the relay counts only the trace
+    # context a document really has.
+    doc = _doc(attributes={f"a{i}": "v" for i in range(97)})
+    assert len(ev.message_from_document(doc).attributes) == 100
+    doc["attributes"]["a97"] = "v"
+    with pytest.raises(PoisonEventError, match="at most 97"):
+        ev.message_from_document(doc)

@@ -94,7 +94,8 @@ def test_metrics_count_what_reached_pubsub_and_gauges_follow_the_drain(
 
     def drained() -> dict[Any, float] | None:
         m = _metrics(port)
-        return m if _value(m, "mongo_outbox_pending_events") == 0 else None
+        done = _value(m, "mongo_outbox_pending_events") == 0
+        return m if done and _value(m, "mongo_outbox_dead_events") == 20 else None
 
     after = wait_for(drained, timeout=30)
     unique = {m.attributes["outbox_event_id"] for m in received}
@@ -295,3 +296,48 @@ def test_kubernetes_and_docker_probe_the_endpoints_the_relay_serves():
     assert "terminationGracePeriodSeconds" in manifest
     assert "HEALTHCHECK" in dockerfile
     assert "MONGO_OUTBOX_HTTP_PORT=9464" in dockerfile
+
+
+def test_healthz_fails_when_the_pipeline_restarts_in_a_loop(client, db_name, served, monkeypatch):
+    from pymongo.errors import OperationFailure
+
+    from mongo_outbox._store import OutboxStore
+
+    def refuse(self, ids, at):
+        raise OperationFailure("document failed validation", code=121)
+
+    monkeypatch.setattr(OutboxStore, "mark_published", refuse)
+    _emit(client, db_name, 5)
+    config = RelayConfig(
+        database=db_name, default_topic="t", unhealthy_after=3.0, transient_max=0.5
+    )
+    relay = Relay(client, InMemoryPublisher(), config)
+    from helpers import RelayThread
+
+    runner = RelayThread(relay).start()
+    port = served(relay)
+    try:
+        _, reason = wait_for(lambda: (r := _get(port, "/healthz"))[0] == 503 and r, timeout=30)
+        assert "pipeline failing" in reason, reason
+        assert relay.stats.restarts >= 2
+    finally:
+        runner.stop_event.set()
+        runner.thread.join(timeout=60)
+
+
+def test_an_outbox_dropped_under_a_running_relay_is_not_recreated(client, relay_factory):
+    name = "mongo_outbox_dropped"
+    client.drop_database(name)
+    from mongo_outbox import ensure_indexes
+
+    ensure_indexes(client, name)
+    relay = relay_factory(name, publisher=InMemoryPublisher(), sample_interval=0.2)
+    wait_for(lambda: relay.relay.health.ready() == (True, "active"), timeout=30)
+    client.drop_database(name)
+    # The stream is invalidated, the pipeline restarts, and the relay waits for the outbox
+    # instead of taking its lease (which would recreate the database).
+    wait_for(lambda: "no outbox collection" in relay.relay.health.ready()[1], timeout=30)
+    wait_for(lambda: relay.relay.stats.restarts >= 1, timeout=30)
+    assert name not in client.list_database_names()
+    relay.stop()
+    assert name not in client.list_database_names()

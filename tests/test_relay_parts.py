@@ -612,7 +612,7 @@ class FakeLease:
 @pytest.fixture
 def clock(monkeypatch) -> FakeClock:
     fake = FakeClock(100.0)
-    monkeypatch.setattr(_checkpoint, "time", types.SimpleNamespace(monotonic=fake))
+    monkeypatch.setattr(_checkpoint, "time", types.SimpleNamespace(monotonic=fake, time=fake))
     return fake
 
 
@@ -663,7 +663,7 @@ def test_checkpoint_saves_only_moved_tokens_at_most_every_interval(clock):
     cp.advance(B)
     cp.save()
     assert store.saves == [("relay-1", B, lease.fenced())]
-    assert cp.saved_monotonic == 100.0
+    assert cp.saved_at == 100.0
     cp.advance(C)
     clock.advance(9.99)
     cp.save()
@@ -671,7 +671,7 @@ def test_checkpoint_saves_only_moved_tokens_at_most_every_interval(clock):
     clock.advance(0.01)
     cp.save()
     assert store.saves[-1][1] == C
-    assert cp.saved_monotonic == 110.0
+    assert cp.saved_at == 110.0
     cp.save()
     assert len(store.saves) == 2
     cp.advance(D)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from google.api_core import exceptions as gexc
@@ -104,6 +104,8 @@ class PubSubPublisher:
         self._client = client or make_gapic_client()
         self._known_topics: set[str] = set()
         self._tracing = PublishTracing(tracer_provider)
+        #: Called with the seconds each Publish request took (the relay's metrics set it).
+        self.on_request: Callable[[float], None] | None = None
 
     def topic_path(self, topic: str) -> str:
         """The full resource path of ``topic``."""
@@ -212,12 +214,16 @@ class PubSubPublisher:
         )
 
         def send() -> PublishError | None:
+            started = time.perf_counter()
             try:
                 self._client.publish(
                     request=PublishRequest.wrap(request), retry=None, timeout=timeout
                 )
             except Exception as exc:
                 return map_google_error(exc, path)
+            finally:
+                if self.on_request is not None:
+                    self.on_request(time.perf_counter() - started)
             return None
 
         return self._tracing.publish(path, batch, send)

@@ -29,8 +29,8 @@ class Checkpoint:
         self._loaded = False
         self._saved: Mapping[str, Any] | None = None
         self._saved_at = 0.0
-        #: Monotonic time of the last save (or load).
-        self.saved_monotonic = 0.0
+        #: Wall-clock time of this relay's last save (None before its first).
+        self.saved_at: float | None = None
 
     def load(self) -> Mapping[str, Any] | None:
         """The saved token (read from MongoDB the first time after :meth:`invalidate`)."""
@@ -38,7 +38,6 @@ class Checkpoint:
             self.token = self._store.load_token(self._name)
             self._saved = self.token
             self._loaded = True
-            self.saved_monotonic = time.monotonic()
         return self.token
 
     def invalidate(self) -> None:
@@ -67,4 +66,4 @@ class Checkpoint:
             raise LeaseLostError(f"relay {self._name!r} lost its lease (checkpoint refused)")
         self._saved = token
         self._saved_at = now
-        self.saved_monotonic = now
+        self.saved_at = time.time()

@@ -53,6 +53,11 @@ class Dispatcher:
         self._stats = stats
         self._metrics = metrics or RelayMetrics("-", "-")
         self._on_progress = on_progress
+        # A publisher that reports each Publish request's duration is timed per request (the
+        # metric's contract); any other, per publish call.
+        self._times_requests = hasattr(publisher, "on_request")
+        if self._times_requests:
+            publisher.on_request = self._metrics.publish_duration.observe  # type: ignore[attr-defined]
         self._stop = threading.Event()
         #: created_at to confirmation of the last event published (seconds).
         self.last_lag: float | None = None
@@ -72,6 +77,10 @@ class Dispatcher:
     def flush(self) -> None:
         """Wait until every outcome is written (raises the first write error)."""
         self._marker.flush()
+
+    def check(self) -> None:
+        """Raise at once the error a background mark hit (the pipeline then restarts)."""
+        self._marker.check()
 
     def close(self) -> None:
         """Write what is queued and stop the marker thread."""
@@ -131,7 +140,8 @@ class Dispatcher:
             results = self._publisher.publish(
                 [e.message for e in pending], timeout=self._lease.remaining()
             )
-            self._metrics.publish_duration.observe(time.perf_counter() - started)
+            if not self._times_requests:
+                self._metrics.publish_duration.observe(time.perf_counter() - started)
             now = utcnow()
             outcome = classify(
                 pending,

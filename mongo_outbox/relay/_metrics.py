@@ -47,7 +47,7 @@ class RelayMetrics:
         ).labels(**self._labels)
         self.publish_duration = Histogram(
             "mongo_outbox_publish_duration_seconds",
-            "One publish call of the relay (its Publish requests, one per topic and chunk)",
+            "One Publish request (one publish call, for publishers that do not time requests)",
             base,
             buckets=_PUBLISH_BUCKETS,
             registry=r,
@@ -65,8 +65,11 @@ class RelayMetrics:
             "mongo_outbox_oldest_pending_age_seconds",
             "Age of the oldest pending event, 0 when none (sampled)",
         )
-        self.checkpoint_age = gauge(
-            "mongo_outbox_checkpoint_age_seconds", "Time since the resume token was last saved"
+        self._checkpoint_age = Gauge(
+            "mongo_outbox_checkpoint_age_seconds",
+            "Time since this relay last saved its resume token (absent before its first save)",
+            base,
+            registry=r,
         )
         # Unlabelled until known: absent where the oplog cannot be read.
         self._oplog_window = Gauge(
@@ -103,6 +106,13 @@ class RelayMetrics:
         """Count failed attempts (``kind`` ``transient`` or ``permanent``), one topic each."""
         for topic, n in _Tally(topics).items():
             self._failed.labels(**self._labels, topic=topic or "", kind=kind).inc(n)
+
+    def checkpoint(self, age: float | None) -> None:
+        """Set the checkpoint age; None (not saved by this relay yet) removes it."""
+        if age is None:
+            self._checkpoint_age.clear()
+        else:
+            self._checkpoint_age.labels(**self._labels).set(age)
 
     def oplog(self, window: float | None, headroom: float | None) -> None:
         """Set the oplog gauges; None removes one (absent rather than wrong)."""

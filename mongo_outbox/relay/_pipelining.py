@@ -100,6 +100,10 @@ class Marker:
         self._queue.join()
         self._raise()
 
+    def check(self) -> None:
+        """Raise the error a background write hit, if any (without waiting)."""
+        self._raise()
+
     def close(self) -> None:
         """Write what is queued (errors are dropped: those events stay pending) and stop."""
         if self._thread is not None:

@@ -78,7 +78,7 @@ class Relay:
         self.metrics = RelayMetrics(f"{config.database}.{config.collection}", config.name)
         self.health = Health(config.unhealthy_after)
         self.dispatcher = Dispatcher(
-            publisher, self.store, self.lease, config, self.stats, self.metrics, self.health.beat
+            publisher, self.store, self.lease, config, self.stats, self.metrics, self._progressed
         )
         self.sweeper = Sweeper(self.store, self.dispatcher, config, self.store.cluster_time)
         self.sampler = Sampler(
@@ -87,6 +87,11 @@ class Relay:
         self.progress = Progress(config.progress_interval)
         self._restarts = Backoff(config.transient_initial, config.transient_max)
         self._fence: int | None = None
+        # A pipeline run is steady once it has consumed the stream without failing for this
+        # long: only then are earlier failures over (for /healthz and the restart backoff).
+        self._steady_after = min(10.0, config.unhealthy_after / 2)
+        self._started_at = 0.0
+        self._steady = False
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Relay until ``stop`` is set; connection losses are ridden out with backoff.
@@ -97,18 +102,21 @@ class Relay:
         failures = 0
         self.sampler.start()
         try:
-            if not await_outbox(self.store, self._stop, self.health):
-                return
-            while not self._stop.is_set() and self._take_lease(timeout=None):
-                published = self.stats.published
+            # Checked before every (re)start: a dropped outbox must not be recreated by the
+            # lease or the checkpoint.
+            while (
+                not self._stop.is_set()
+                and await_outbox(self.store, self._stop, self.health)
+                and self._take_lease(timeout=None)
+            ):
                 try:
                     with keep_renewed(self.lease):
                         self._pipeline(once=False)
                 except LeaseLostError as exc:
                     log.warning("%s: stopped publishing; back to standby", exc)
                 except (PyMongoError, BSONError, _StreamError) as exc:
-                    # A run that published something was healthy: start the backoff afresh.
-                    failures = 1 if self.stats.published > published else failures + 1
+                    # A run that reached a steady state was healthy: start the backoff afresh.
+                    failures = 1 if self._steady else failures + 1
                     self._restart_after(exc, failures)
         except BaseException as exc:
             self.health.stopped(f"{type(exc).__name__}: {exc}")
@@ -191,6 +199,7 @@ class Relay:
         )
         tailer.start()
         self.dispatcher.start(stop)
+        self._started_at, self._steady = time.monotonic(), False
         try:
             # 2. sweep everything pending as of T; the stream skips what it covered.
             at = self.store.cluster_time()
@@ -224,9 +233,15 @@ class Relay:
 
     def refresh_metrics(self) -> None:
         """Bring the gauges that need no query up to date (the HTTP side calls it)."""
-        self.metrics.checkpoint_age.set(time.monotonic() - self.checkpoint.saved_monotonic)
+        saved = self.checkpoint.saved_at
+        self.metrics.checkpoint(None if saved is None else max(0.0, time.time() - saved))
         self.metrics.held_keys.set(len(self.dispatcher.gate))
         self.metrics.lease_active.set(1 if self.lease.held else 0)
+
+    def _progressed(self) -> None:
+        """The dispatcher settled events: a beat, and now and then a progress line."""
+        self.health.beat()
+        self.progress.update(self.stats.published, self.dispatcher.last_lag, self.sampler.pending)
 
     def _sweep(self, *, grace: float | None, at: Timestamp) -> SweepResult:
         result = self.sweeper.sweep(grace=grace, at=at, stop=self._stop)
@@ -238,9 +253,13 @@ class Relay:
 
     def _consume(self, tailer: Tailer) -> float | None:
         """Take one batch from the stream and publish it; return the time of an idle mark."""
+        self.dispatcher.check()
         items = tailer.queue.take(self.config.batch_size, self.config.max_batch_bytes, 0.2)
-        if items:
-            self.health.working()  # the stream answers: the pipeline is in steady state
+        if any(not isinstance(item, StreamFailed) for item in items):
+            self.health.beat()  # the stream answers
+            if not self._steady and time.monotonic() - self._started_at >= self._steady_after:
+                self._steady = True
+                self.health.working()
         records: list[Event | Poison] = []
         idle_at: float | None = None
         failure: BaseException | None = None
@@ -260,7 +279,6 @@ class Relay:
         self.stats.skipped_duplicates = self.dedup.skipped
         self.checkpoint.advance(token)
         self.checkpoint.save()
-        self.progress.update(self.stats.published, self.dispatcher.last_lag, self.sampler.pending)
         if failure is not None:
             raise _StreamError(f"change stream failed: {failure}") from failure
         return idle_at

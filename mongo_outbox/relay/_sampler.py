@@ -12,8 +12,9 @@ import threading
 import time
 from typing import Any
 
-from pymongo.errors import PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
 
+from .._errors import ConfigurationError
 from .._event import STATUS_DEAD, STATUS_PENDING
 from .._oplog import headroom, read_oplog_window
 from .._store import OutboxStore
@@ -29,7 +30,18 @@ log = logging.getLogger("mongo_outbox.relay")
 def missing_outbox(store: OutboxStore) -> str | None:
     """Why the outbox collection cannot be relayed (None when it exists); creates nothing."""
     db = store.outbox.database
-    if store.outbox.name in db.list_collection_names(filter={"name": store.outbox.name}):
+    try:
+        names = db.list_collection_names(
+            filter={"name": store.outbox.name}, authorizedCollections=True
+        )
+    except OperationFailure as exc:
+        if exc.code in (13, 18):
+            raise ConfigurationError(
+                f"MongoDB refused to list the collections of {db.name}: grant the relay's user "
+                "listCollections on it (or a role with it, such as read)"
+            ) from exc
+        raise
+    if store.outbox.name in names:
         return None
     return (
         f"no outbox collection {db.name}.{store.outbox.name}: check --database and "
@@ -69,7 +81,8 @@ class Sampler:
         """Stop sampling (waits for a sample in progress)."""
         self._halt.set()
         if self._thread is not None:
-            self._thread.join()
+            # A sample blocked on a server that does not answer must not hold up shutdown.
+            self._thread.join(timeout=5.0)
             self._thread = None
 
     def _run(self) -> None:
@@ -91,11 +104,13 @@ class Sampler:
         if missing is not None:
             return
         pending = store.outbox.count_documents({"status": STATUS_PENDING})
-        metrics.pending.set(pending)
-        metrics.dead_events.set(store.outbox.count_documents({"status": STATUS_DEAD}))
+        dead = store.outbox.count_documents({"status": STATUS_DEAD})
         oldest = store.outbox.find_one(
             {"status": STATUS_PENDING}, {"created_at": 1}, sort=[("_id", 1)]
         )
+        # Set together, after the queries: a scrape sees one sample, not half of two.
+        metrics.pending.set(pending)
+        metrics.dead_events.set(dead)
         metrics.oldest_pending_age.set(_age(oldest.get("created_at") if oldest else None))
         self.pending = pending
         self._sample_oplog()
