@@ -52,7 +52,12 @@ RESERVED_ATTRIBUTES = frozenset(
 MAX_TRACESTATE_BYTES = 512
 _TRACEPARENT_BYTES = 55  # version 00: "00-<32 hex>-<16 hex>-<2 hex>"
 _TRACEPARENT_RE = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
-_TRACESTATE_RE = re.compile(rf"[\x20-\x7e]{{1,{MAX_TRACESTATE_BYTES}}}")
+# W3C tracestate: comma-separated key=value list members (value: printable, no "," or "=").
+_TRACESTATE_MEMBER = (
+    r"[a-z0-9][a-z0-9_\-*/@]{0,255}="
+    r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
+)
+_TRACESTATE_RE = re.compile(rf"{_TRACESTATE_MEMBER}(?:[ \t]*,[ \t]*{_TRACESTATE_MEMBER})*")
 
 #: Pub/Sub limits (https://cloud.google.com/pubsub/quotas#resource_limits).
 MAX_MESSAGE_BYTES = 10_000_000
@@ -423,7 +428,11 @@ def _add_trace_attributes(attributes: dict[str, str], trace: Any) -> None:
         return
     attributes[ATTR_TRACEPARENT] = traceparent
     tracestate = trace.get("tracestate")
-    if isinstance(tracestate, str) and _TRACESTATE_RE.fullmatch(tracestate):
+    if (
+        isinstance(tracestate, str)
+        and len(tracestate) <= MAX_TRACESTATE_BYTES
+        and _TRACESTATE_RE.fullmatch(tracestate)
+    ):
         attributes[ATTR_TRACESTATE] = tracestate
 
 

@@ -104,6 +104,9 @@ class PublishTracing:
         return error
 
 
+_MAX_LINKS = 128
+
+
 def _links(batch: Sequence[Message]) -> list[Link]:
     """One link per distinct, well-formed trace context among the messages."""
     links: dict[str, Link] = {}
@@ -111,6 +114,8 @@ def _links(batch: Sequence[Message]) -> list[Link]:
         traceparent = message.attributes.get(ATTR_TRACEPARENT)
         if traceparent is None or traceparent in links or not is_traceparent(traceparent):
             continue
+        if len(links) >= _MAX_LINKS:
+            break  # the SDK keeps 128 links per span by default: building more is waste
         # Parsed here rather than by the propagator's extract(), which costs 4x more.
         tracestate = message.attributes.get(ATTR_TRACESTATE)
         context = _otel.SpanContext(

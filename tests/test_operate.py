@@ -176,7 +176,8 @@ def test_healthz_turns_503_while_mongod_is_frozen_and_200_after(pubsub, served):
 @pytest.mark.slow
 def test_low_oplog_headroom_is_warned_about_before_the_token_is_lost(caplog, served):
     caplog.set_level(logging.WARNING, logger="mongo_outbox")
-    with MongoReplicaSet() as rs:
+    # The smallest oplog mongod allows: the headroom shrinks as other writes go on.
+    with MongoReplicaSet(extra_args=["--oplogSize", "990"]) as rs:
         client: MongoClient[Any] = MongoClient(rs.uri, tz_aware=True)
         db = "headroom"
         client[db].create_collection("outbox")
@@ -240,9 +241,9 @@ def test_relay_process_serves_metrics_that_match_the_subscription(
     relay = RelayProcess(env)
     try:
         wait_for(lambda: relay.alive() and _get(port, "/readyz") == (200, "active\n"), timeout=30)
-        _emit(client, db_name, 300)
+        _emit(client, db_name, 2000)
         _emit(client, db_name, 5, topic="no-such-topic", key=None)
-        received = sub.pull_until(300, timeout=120)
+        received = sub.pull_until(2000, timeout=120)
 
         def settled() -> dict[Any, float] | None:
             m = _metrics(port)

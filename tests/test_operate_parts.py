@@ -122,3 +122,62 @@ def test_headroom_is_the_token_time_minus_the_oldest_entry():
     assert (
         headroom({"_data": "82" + f"{1900:08X}" + "00000001"}, OplogWindow(unavailable="x")) is None
     )
+
+
+def test_a_topic_named_by_path_or_by_id_is_one_series():
+    metrics = RelayMetrics("shop.outbox", "main")
+    metrics.published(["projects/p/topics/orders", "orders", None])
+    text = generate_latest(metrics.registry).decode()
+    assert 'relay="main",topic="orders"} 2.0' in text
+    assert 'topic=""} 1.0' in text
+    assert "projects/p/topics" not in text
+
+
+def test_a_malformed_tracestate_is_not_published():
+    import datetime as dt
+
+    from bson import ObjectId
+
+    from mongo_outbox._event import message_from_document
+
+    parent = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+    doc = {
+        "_id": ObjectId(),
+        "type": "T",
+        "payload": b"x",
+        "created_at": dt.datetime.now(dt.timezone.utc),
+        "trace": {"traceparent": parent, "tracestate": "!!!bad"},
+    }
+    attributes = message_from_document(doc, "t").attributes
+    assert attributes["googclient_traceparent"] == parent
+    assert "googclient_tracestate" not in attributes
+    doc["trace"]["tracestate"] = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+    assert message_from_document(doc, "t").attributes["googclient_tracestate"].startswith("rojo")
+
+
+def test_the_batch_histogram_counts_like_a_prometheus_histogram():
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from mongo_outbox.relay._metrics import BatchHistogram
+
+    values = [0.0, 0.01, 0.0100001, 0.5, 2.0, 2.5, 7.0, 1e9]
+    buckets = (0.01, 0.5, 2.5, 10)
+    reference = CollectorRegistry()
+    histogram = Histogram("ref", "r", ["outbox"], buckets=buckets, registry=reference)
+    for value in values:
+        histogram.labels(outbox="o").observe(value)
+    ours = CollectorRegistry()
+    batch = BatchHistogram("ref", "r", {"outbox": "o"}, buckets)
+    ours.register(batch)
+    batch.observe_many(values[:3])
+    batch.observe_many(values[3:])
+
+    def samples(registry):
+        return sorted(
+            (s.name, tuple(sorted(s.labels.items())), s.value)
+            for family in registry.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        )
+
+    assert samples(ours) == samples(reference)

@@ -189,23 +189,27 @@ class Dispatcher:
     ) -> None:
         """Metrics of one publish round; a beat of progress when anything was settled."""
         metrics = self._metrics
-        by_id = {e.message.event_id: e for e in sent}
-        confirmed = [by_id[i] for i in outcome.published]
+        if len(outcome.published) == len(sent):  # the common case: everything went
+            confirmed = sent
+        else:
+            by_id = {e.message.event_id: e for e in sent}
+            confirmed = [by_id[i] for i in outcome.published]
+            topic_of = {i: e.message.topic for i, e in by_id.items()}
+            metrics.failed((topic_of[f.event_id] for f in outcome.failures), "permanent")
+            metrics.failed(
+                (
+                    e.message.topic
+                    for e, r in zip(sent, results, strict=True)
+                    if isinstance(r, TransientPublishError) and not isinstance(r, NotSentError)
+                ),
+                "transient",
+            )
         metrics.published(e.message.topic for e in confirmed)
         now = time.time()
-        for event in confirmed:
-            if event.created:
-                self.last_lag = max(0.0, now - event.created)
-                metrics.event_lag.observe(self.last_lag)
-        metrics.failed((by_id[f.event_id].message.topic for f in outcome.failures), "permanent")
-        metrics.failed(
-            (
-                e.message.topic
-                for e, r in zip(sent, results, strict=True)
-                if isinstance(r, TransientPublishError) and not isinstance(r, NotSentError)
-            ),
-            "transient",
-        )
+        lags = [max(0.0, now - e.created) for e in confirmed if e.created]
+        if lags:
+            metrics.event_lag.observe_many(lags)
+            self.last_lag = lags[-1]
         metrics.dead.inc(outcome.dead)
         if outcome.published or outcome.failures:
             self._on_progress()

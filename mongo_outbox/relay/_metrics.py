@@ -7,12 +7,16 @@ side serves it.
 
 from __future__ import annotations
 
+import bisect
+import threading
 from collections import Counter as _Tally
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
-__all__ = ["RelayMetrics"]
+__all__ = ["BatchHistogram", "RelayMetrics"]
 
 _LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 _PUBLISH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -52,13 +56,13 @@ class RelayMetrics:
             buckets=_PUBLISH_BUCKETS,
             registry=r,
         ).labels(**self._labels)
-        self.event_lag = Histogram(
+        self.event_lag = BatchHistogram(
             "mongo_outbox_event_lag_seconds",
             "Time from an event's created_at to its confirmation by Pub/Sub",
-            base,
-            buckets=_LAG_BUCKETS,
-            registry=r,
-        ).labels(**self._labels)
+            self._labels,
+            _LAG_BUCKETS,
+        )
+        r.register(self.event_lag)
         self.pending = gauge("mongo_outbox_pending_events", "Pending events (sampled)")
         self.dead_events = gauge("mongo_outbox_dead_events", "Dead events (sampled)")
         self.oldest_pending_age = gauge(
@@ -99,13 +103,13 @@ class RelayMetrics:
 
     def published(self, topics: Iterable[str | None]) -> None:
         """Count confirmed events, one topic per event."""
-        for topic, n in _Tally(topics).items():
-            self._published.labels(**self._labels, topic=topic or "").inc(n)
+        for topic, n in _Tally(_topic_id(t) for t in topics).items():
+            self._published.labels(**self._labels, topic=topic).inc(n)
 
     def failed(self, topics: Iterable[str | None], kind: str) -> None:
         """Count failed attempts (``kind`` ``transient`` or ``permanent``), one topic each."""
-        for topic, n in _Tally(topics).items():
-            self._failed.labels(**self._labels, topic=topic or "", kind=kind).inc(n)
+        for topic, n in _Tally(_topic_id(t) for t in topics).items():
+            self._failed.labels(**self._labels, topic=topic, kind=kind).inc(n)
 
     def checkpoint(self, age: float | None) -> None:
         """Set the checkpoint age; None (not saved by this relay yet) removes it."""
@@ -121,3 +125,55 @@ class RelayMetrics:
                 gauge.clear()
             else:
                 gauge.labels(**self._labels).set(value)
+
+
+def _topic_id(topic: str | None) -> str:
+    """The topic id, whether the event named it by id or by full path: one series per topic."""
+    return (topic or "").rsplit("/", 1)[-1]
+
+
+class BatchHistogram(Collector):
+    """A histogram fed a batch at a time: one lock per batch instead of two per value.
+
+    The relay observes one lag per event; prometheus-client's ``Histogram.observe`` costs
+    about 1.7 µs a value, a twentieth of the relay's whole cost per event.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labels: Mapping[str, str], buckets: Iterable[float]
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labels = dict(labels)
+        self._bounds = sorted(buckets)
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        """Count each of ``values``."""
+        bounds, counts = self._bounds, [0] * len(self._counts)
+        total = 0.0
+        for value in values:
+            counts[bisect.bisect_left(bounds, value)] += 1
+            total += value
+        with self._lock:
+            for i, n in enumerate(counts):
+                self._counts[i] += n
+            self._sum += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        """The histogram in Prometheus' form: cumulative buckets, sum and count."""
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        family = HistogramMetricFamily(self._name, self._documentation, labels=list(self._labels))
+        cumulative, buckets = 0, []
+        for bound, n in zip([*self._bounds, float("inf")], counts, strict=True):
+            cumulative += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+        family.add_metric(list(self._labels.values()), buckets, total)
+        yield family
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        """Registered without a first collect."""
+        yield HistogramMetricFamily(self._name, self._documentation, labels=list(self._labels))

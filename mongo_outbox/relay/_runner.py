@@ -114,6 +114,7 @@ class Relay:
                         self._pipeline(once=False)
                 except LeaseLostError as exc:
                     log.warning("%s: stopped publishing; back to standby", exc)
+                    self.dispatcher.gate.replace(())  # its holds are the new holder's now
                 except (PyMongoError, BSONError, _StreamError) as exc:
                     # A run that reached a steady state was healthy: start the backoff afresh.
                     failures = 1 if self._steady else failures + 1
