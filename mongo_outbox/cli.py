@@ -165,20 +165,23 @@ def _add_log_flags(p: argparse.ArgumentParser, *, top: bool = False) -> None:
 
 def _add_dead_filters(p: argparse.ArgumentParser) -> None:
     """The filters ``requeue`` and ``dead`` share (all given must match)."""
+    ids = _env("--id")
     p.add_argument(
         "--id",
         action="append",
         dest="ids",
         metavar="EVENT_ID",
+        default=[i.strip() for i in ids.split(",") if i.strip()] if ids else None,
         help="event _id: matched as a string, and also as an ObjectId when it is 24 hex digits "
-        "and as an integer when it is one; repeatable",
+        "and as an integer when it is one; repeatable (env MONGO_OUTBOX_ID, comma-separated)",
     )
-    p.add_argument("--type", dest="event_type", help="event type")
-    p.add_argument("--key", help="ordering key")
+    p.add_argument("--type", dest="event_type", default=_env("--type"), help="event type")
+    p.add_argument("--key", default=_env("--key"), help="ordering key")
     p.add_argument(
         "--older-than",
-        type=float,
+        type=_number(float, "--older-than"),
         metavar="SECONDS",
+        default=_env("--older-than"),
         help="only events created more than SECONDS ago",
     )
 
@@ -383,7 +386,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_mongo_flags(requeue)
     _add_dead_filters(requeue)
-    requeue.add_argument("--all", action="store_true", help="every dead event")
+    requeue.add_argument(
+        "--all", action="store_true", default=None, help="every dead event (env MONGO_OUTBOX_ALL)"
+    )
 
     sub.add_parser(
         "demo",
@@ -396,7 +401,7 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_BOOL_FLAGS = ("create_topics", "once", "json", "check")
+_BOOL_FLAGS = ("create_topics", "once", "json", "check", "all")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 

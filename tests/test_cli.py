@@ -1158,3 +1158,21 @@ def test_library_on_a_standalone_server_names_the_fix(standalone_uri):
             await ac.close()
 
     asyncio.run(run_async())
+
+
+def test_requeue_filters_come_from_the_environment(
+    mongodb_uri, outbox_database, mongo_client, capsys, monkeypatch
+):
+    _dead_docs(mongo_client, outbox_database)
+    outbox = mongo_client[outbox_database].outbox
+    base = ["requeue", "--mongo-uri", mongodb_uri, "--database", outbox_database]
+    monkeypatch.setenv("MONGO_OUTBOX_ID", "abc, 42")
+    code, out, err = _exit_code(base, capsys)
+    assert code == 0, err
+    assert out.strip() == "requeued 2 dead events"
+    monkeypatch.delenv("MONGO_OUTBOX_ID")
+    monkeypatch.setenv("MONGO_OUTBOX_ALL", "1")
+    code, out, err = _exit_code(base, capsys)
+    assert code == 0, err
+    assert out.strip() == "requeued 1 dead event"
+    assert outbox.count_documents({"status": "dead"}) == 0
