@@ -147,7 +147,9 @@ class Tailer:
                     item: Item = Idle(stream.resume_token, time.monotonic())
                     size = 0
                 else:
-                    item, size = self._change(change, stream.resume_token)
+                    # The change's own _id is its resume token; ChangeStream.resume_token
+                    # would deep-copy a raw document per change (40 µs, the tailer's main cost).
+                    item, size = self._change(change, change["_id"])
             except BaseException as exc:
                 self._put(StreamFailed(exc))
                 return
