@@ -14,7 +14,7 @@ from pymongo.database import Database
 
 from ._event import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED
 from ._event import utcnow as _utcnow
-from ._store import state_collection_name
+from ._store import lenient, state_collection_name
 
 __all__ = ["LIVE_LEASE", "FailingReason", "OutboxAdmin", "RelayInfo", "shared_outbox_warning"]
 
@@ -141,7 +141,7 @@ class OutboxAdmin:
             },
             {"$sort": {"next": -1, "n": -1}},
         ]
-        rows = list(self._lenient().aggregate(pipeline))
+        rows = list(lenient(self.outbox).aggregate(pipeline))
         reasons = [
             FailingReason(
                 error=_typed(row["_id"], str),
@@ -153,11 +153,6 @@ class OutboxAdmin:
         ]
         return sum(int(row["n"]) for row in rows), reasons
 
-    def _lenient(self) -> Collection[Any]:
-        """The outbox, reading strings that are not UTF-8 with replacement characters."""
-        options = self.outbox.codec_options.with_options(unicode_decode_error_handler="replace")
-        return self.outbox.with_options(codec_options=options)
-
     def _find(
         self, query: dict[str, Any], fields: dict[str, Any], limit: int
     ) -> list[dict[str, Any]]:
@@ -165,7 +160,7 @@ class OutboxAdmin:
             return list(self.outbox.find(query, fields, sort=[("_id", -1)], limit=limit))
         except InvalidBSON:
             # Poison may hold bytes that are not UTF-8: show them replaced rather than fail.
-            return list(self._lenient().find(query, fields, sort=[("_id", -1)], limit=limit))
+            return list(lenient(self.outbox).find(query, fields, sort=[("_id", -1)], limit=limit))
 
     def requeue(
         self,

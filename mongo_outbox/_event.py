@@ -154,6 +154,21 @@ def utcnow() -> _dt.datetime:
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
+def as_utc(value: _dt.datetime) -> _dt.datetime:
+    """An aware UTC datetime (PyMongo hands out naive UTC unless ``tz_aware``)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=_dt.timezone.utc)
+    return value
+
+
+def age_of(value: Any) -> float | None:
+    """Seconds since ``value`` (None when it is not a datetime)."""
+    if not isinstance(value, _dt.datetime):
+        return None
+    age: float = (_dt.datetime.now(_dt.timezone.utc) - as_utc(value)).total_seconds()
+    return age
+
+
 def _encode_text(value: str, what: str) -> bytes:
     try:
         return value.encode("utf-8")

@@ -22,7 +22,15 @@ from pymongo.read_concern import ReadConcern
 from ._errors import ConfigurationError
 from ._event import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED
 
-__all__ = ["Failure", "OutboxStore", "ensure_indexes", "state_collection_name"]
+__all__ = [
+    "RAW",
+    "Failure",
+    "OutboxStore",
+    "ensure_indexes",
+    "find_one_lenient",
+    "lenient",
+    "state_collection_name",
+]
 
 PENDING_INDEX = "status_1__id_1"
 # Fields the relay needs to publish an event; bookkeeping fields stay on the server.
@@ -40,7 +48,8 @@ PUBLISH_PROJECTION = {
 # Codes that say a snapshot read is not possible here: SnapshotUnavailable, SnapshotTooOld,
 # InvalidOptions, TypeMismatch, FailedToParse, OperationNotSupportedInTransaction.
 _SNAPSHOT_UNUSABLE = {246, 239, 72, 14, 9, 263}
-_RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
+#: Codec options that leave documents undecoded (the relay decodes them one by one).
+RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
 _ID_ONLY: CodecOptions[dict[str, Any]] = CodecOptions(unicode_decode_error_handler="replace")
 
 
@@ -136,7 +145,7 @@ class OutboxStore:
         # An index bound rather than {"_id": {"$gt": after}}: $gt only matches _ids of the
         # same BSON type, the index orders them all. The bound is inclusive: skip ``after``.
         bounds = {"min": {"status": STATUS_PENDING, "_id": after}} if after is not None else {}
-        outbox = self.outbox.with_options(codec_options=_RAW)
+        outbox = self.outbox.with_options(codec_options=RAW)
         if at is not None:
             try:
                 yield from _skip_first(self._snapshot_find(query, batch_size, at, bounds), after)
@@ -180,7 +189,7 @@ class OutboxStore:
         # A cursor belongs to the session that opened it: every getMore must use the same one.
         with self.db.client.start_session(causal_consistency=False) as session:
             try:
-                reply = self.db.command(cmd, session=session, codec_options=_RAW)
+                reply = self.db.command(cmd, session=session, codec_options=RAW)
             except OperationFailure as exc:
                 if exc.code in _SNAPSHOT_UNUSABLE or exc.code == 2:  # BadValue: no index...
                     raise _SnapshotUnavailable from exc
@@ -196,7 +205,7 @@ class OutboxStore:
             }
             try:
                 while cursor_id:
-                    reply = self.db.command(get_more, session=session, codec_options=_RAW)
+                    reply = self.db.command(get_more, session=session, codec_options=RAW)
                     cursor = reply["cursor"]
                     cursor_id = cursor["id"]
                     if cursor["nextBatch"]:
@@ -232,7 +241,7 @@ class OutboxStore:
             rows = list(self.outbox.aggregate(pipeline))
         except bson.errors.InvalidBSON:
             rows = []
-            for raw in self.outbox.with_options(codec_options=_RAW).aggregate(pipeline):
+            for raw in self.outbox.with_options(codec_options=RAW).aggregate(pipeline):
                 try:
                     rows.append(bson.decode(raw.raw))
                 except bson.errors.InvalidBSON:
@@ -293,9 +302,14 @@ def find_one_lenient(
     except bson.errors.InvalidBSON:
         if strict_only:
             return None
-    lenient = collection.codec_options.with_options(unicode_decode_error_handler="replace")
-    doc = collection.with_options(codec_options=lenient).find_one(query, projection)
+    doc = lenient(collection).find_one(query, projection)
     return doc
+
+
+def lenient(collection: Collection[Any]) -> Collection[Any]:
+    """``collection``, reading strings that are not valid UTF-8 with replacement characters."""
+    options = collection.codec_options.with_options(unicode_decode_error_handler="replace")
+    return collection.with_options(codec_options=options)
 
 
 #: Bytes of raw documents per list when the server's batches are not used as they come (as a

@@ -31,7 +31,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 from . import __version__
 from ._admin import OutboxAdmin, RelayInfo, shared_outbox_warning
 from ._errors import REPLICA_SET_FIX, ConfigurationError, ConnectError, LeaseLostError
-from ._event import format_timestamp
+from ._event import age_of, format_timestamp
 from ._logging import LOG_FORMATS, cli_logging, redact
 from ._oplog import headroom, read_oplog_window, token_time
 from ._store import OutboxStore, ensure_indexes
@@ -468,15 +468,6 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _age(value: Any) -> float | None:
-    if not isinstance(value, _dt.datetime):
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=_dt.timezone.utc)
-    age: float = (_dt.datetime.now(_dt.timezone.utc) - value).total_seconds()
-    return age
-
-
 def _cmd_status(args: argparse.Namespace) -> int:
     client = _connect(args)
     try:
@@ -496,10 +487,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "outbox": f"{args.database}.{args.collection}",
         **counts,
-        "oldest_pending_age_s": _age(oldest.get("created_at")) if oldest else None,
+        "oldest_pending_age_s": age_of(oldest.get("created_at")) if oldest else None,
         "relay": args.name,
         "has_checkpoint": state.get("resume_token") is not None,
-        "checkpoint_age_s": _age(state.get("checkpoint_at")),
+        "checkpoint_age_s": age_of(state.get("checkpoint_at")),
         "checkpoint_at": _iso(state.get("checkpoint_at")),
         "lease_owner": state.get("lease_owner"),
         "lease_expires_at": _iso(state.get("lease_expires_at")),
@@ -614,7 +605,7 @@ def _relay_report(relay: RelayInfo) -> dict[str, Any]:
         "live": relay.live,
         "lease_expires_at": _iso(expires),
         "lease_remaining_s": relay.lease_remaining,
-        "checkpoint_age_s": _age(relay.checkpoint_at),
+        "checkpoint_age_s": age_of(relay.checkpoint_at),
     }
 
 
@@ -646,9 +637,9 @@ def _checkpoint_show(args: argparse.Namespace) -> int:
         "relay": args.name,
         "has_checkpoint": token is not None,
         "checkpoint_at": _iso(state.get("checkpoint_at")),
-        "checkpoint_age_s": _age(state.get("checkpoint_at")),
+        "checkpoint_age_s": age_of(state.get("checkpoint_at")),
         "token_time": _iso(token_at),
-        "token_age_s": _age(token_at),
+        "token_age_s": age_of(token_at),
     }
     if args.json:
         print(json.dumps(report, indent=2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
@@ -9,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import bson
+from bson.raw_bson import RawBSONDocument
 from google.cloud import pubsub_v1
 
 from mongo_outbox.relay import Relay
@@ -127,3 +130,19 @@ class RelayThread:
         assert not self.thread.is_alive(), "relay did not stop"
         if self.error is not None:
             raise self.error
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def invalid_utf8(doc: dict[str, Any], placeholder: str = "PLACEHOLDER") -> RawBSONDocument:
+    """``doc`` as raw BSON with every ``placeholder`` (inside a str value) turned into bytes
+    that are not UTF-8, as another driver or a hand-written insert can store them."""
+    data = bson.encode(doc)
+    needle = placeholder.encode()
+    assert needle in data
+    return RawBSONDocument(data.replace(needle, b"\xff" * len(needle)))

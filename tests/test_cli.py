@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
@@ -455,12 +456,6 @@ def test_invalid_uri_as_a_process():
 # -- a standalone server ---------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -475,7 +470,7 @@ def _start_standalone(mongod: str, dbpath: Path) -> tuple[subprocess.Popen, int]
     """Start ``mongod`` without ``--replSet``; return it once it answers ``ping``."""
     log = dbpath / "mongod.log"
     for _ in range(3):  # the port may be taken between choosing and binding it
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             [
                 mongod,
@@ -816,7 +811,7 @@ def test_checkpoint_promises_only_what_it_offers(capsys):
     _, out, _ = _exit_code(["checkpoint", "--help"], capsys)
     for text in (top, out):
         if "inspect" in text:
-            assert "show" in out
+            assert "show" in text
     assert "{show,reset}" in out
 
 
@@ -1012,7 +1007,6 @@ def test_status_of_a_missing_outbox_says_so_and_creates_nothing(
         assert f"no outbox collection {database}.{collection}" in line
         assert "--database/--collection" in line
         assert "mongo-outbox init" in line
-    assert database in client.list_database_names() or where == "database"
     assert f"{db_name}x" not in client.list_database_names()
     assert "oops" not in client[db_name].list_collection_names()
 

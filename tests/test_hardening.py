@@ -17,7 +17,7 @@ import pytest
 from bson import ObjectId
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
-from helpers import wait_for
+from helpers import invalid_utf8, wait_for
 from pymongo.errors import PyMongoError
 
 from mongo_outbox import InMemoryPublisher, outbox_transaction
@@ -42,10 +42,8 @@ def _doc(**fields: Any) -> dict[str, Any]:
 
 
 def _invalid_utf8(**fields: Any) -> RawBSONDocument:
-    """An outbox document whose ``type`` holds bytes that are not UTF-8 (as another driver or
-    a hand-written insert can store them)."""
-    data = bson.encode(_doc(type="PLACEHOLDER", **fields))
-    return RawBSONDocument(data.replace(b"PLACEHOLDER", b"\xff\xfe\xfd\xfc\xfbHOLDER"))
+    """An outbox document whose ``type`` holds bytes that are not UTF-8."""
+    return invalid_utf8(_doc(type="PLACEHOLDER", **fields))
 
 
 def _emit(client, db, n: int, *, key: str | None = "k", topic: str | None = None) -> list[Any]:
@@ -300,15 +298,8 @@ def test_two_relay_names_on_one_outbox_are_warned_about(client, db_name, relay_f
 # -- review findings: undecodable bytes anywhere the relay or status reads ---------------------
 
 
-def _raw_with(doc: dict[str, Any], placeholder: str) -> RawBSONDocument:
-    """``doc`` as raw BSON, ``placeholder`` (a str value in it) turned into invalid UTF-8."""
-    data = bson.encode(doc)
-    bad = b"\xff" * len(placeholder.encode())
-    return RawBSONDocument(data.replace(placeholder.encode(), bad))
-
-
 def test_undecodable_key_under_the_hold_policy_does_not_stop_later_sweeps(client, db_name):
-    client[db_name].outbox.insert_one(_raw_with(_doc(topic="t", key="KEYPLACE"), "KEYPLACE"))
+    client[db_name].outbox.insert_one(invalid_utf8(_doc(topic="t", key="KEYPLACE"), "KEYPLACE"))
     config = RelayConfig(database=db_name, default_topic="t", dead_key_policy="hold")
     first = Relay(client, InMemoryPublisher(), config)
     assert first.run_once() == 0  # sets the bad document dead
@@ -320,7 +311,9 @@ def test_undecodable_key_under_the_hold_policy_does_not_stop_later_sweeps(client
 
 def test_undecodable_bytes_in_the_state_document_do_not_stop_the_relay(client, db_name, caplog):
     state = client[db_name].outbox_relay_state
-    state.insert_one(_raw_with({"_id": "default", "fence": "FENCEBAD", "note": "NOTEBAD"}, "BAD"))
+    state.insert_one(
+        invalid_utf8({"_id": "default", "fence": "FENCEBAD", "note": "NOTEBAD"}, "BAD")
+    )
     good = _emit(client, db_name, 3)
     memory = InMemoryPublisher()
     relay = Relay(client, memory, RelayConfig(database=db_name, default_topic="t", lease_ttl=2))
@@ -351,7 +344,7 @@ def test_status_reports_undecodable_dead_documents(client, db_name, mongodb_uri,
     from mongo_outbox.cli import main
 
     bad = _doc(type="TYPEBAD", key="KEYBAD", status="dead", last_error="poison: x")
-    client[db_name].outbox.insert_one(_raw_with(bad, "BAD"))
+    client[db_name].outbox.insert_one(invalid_utf8(bad, "BAD"))
     code = main(["status", "--mongo-uri", mongodb_uri, "--database", db_name])
     out = capsys.readouterr().out
     assert code == 0

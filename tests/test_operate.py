@@ -14,7 +14,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from pymongo import MongoClient
 
@@ -45,9 +45,11 @@ def _metrics(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 
 def _value(metrics: dict[Any, float], name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    """Sum of the samples of ``name`` whose labels include ``labels`` (there must be one)."""
     wanted = set(labels.items())
-    return sum(v for (n, ls), v in metrics.items() if n == name and wanted <= ls)
+    found = [v for (n, ls), v in metrics.items() if n == name and wanted <= ls]
+    assert found, f"no sample {name} with {labels}"
+    return sum(found)
 
 
 @pytest.fixture
@@ -115,10 +117,10 @@ def test_metrics_count_what_reached_pubsub_and_gauges_follow_the_drain(
 
 
 def test_readyz_tells_active_from_standby(client, db_name, relay_factory, served):
-    first = relay_factory(db_name, publisher=InMemoryPublisher(), lease_ttl=2.0)
+    first = relay_factory(db_name, publisher=InMemoryPublisher(), lease_ttl=10.0)
     first_port = served(first.relay)
     wait_for(lambda: _get(first_port, "/readyz") == (200, "active\n"), timeout=20)
-    second = relay_factory(db_name, publisher=InMemoryPublisher(), lease_ttl=2.0)
+    second = relay_factory(db_name, publisher=InMemoryPublisher(), lease_ttl=10.0)
     second_port = served(second.relay)
     wait_for(lambda: _get(second_port, "/readyz") == (200, "standby\n"), timeout=20)
     assert _get(second_port, "/healthz")[0] == 200  # a standby is healthy
@@ -127,9 +129,8 @@ def test_readyz_tells_active_from_standby(client, db_name, relay_factory, served
     second.stop()
 
 
-def test_a_mistyped_database_is_reported_and_never_created(client, relay_factory, served):
-    name = "mongo_outbox_typo_shpo"
-    client.drop_database(name)
+def test_a_mistyped_database_is_reported_and_never_created(client, db_name, relay_factory, served):
+    name = f"{db_name}_typo"  # unique to this test; never created, so nothing to drop
     relay = relay_factory(name, publisher=InMemoryPublisher(), sample_interval=0.2)
     port = served(relay.relay)
     _, body = wait_for(
@@ -214,21 +215,13 @@ def test_low_oplog_headroom_is_warned_about_before_the_token_is_lost(caplog, ser
             client.close()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_relay_process_serves_metrics_that_match_the_subscription(
     client, db_name, pubsub, mongodb_uri
 ):
     from faults import RelayProcess, relay_env
 
     topic, sub = pubsub.topic()
-    port = _free_port()
+    port = free_port()
     env = relay_env(
         mongodb_uri,
         db_name,
@@ -326,12 +319,8 @@ def test_healthz_fails_when_the_pipeline_restarts_in_a_loop(client, db_name, ser
         runner.thread.join(timeout=60)
 
 
-def test_an_outbox_dropped_under_a_running_relay_is_not_recreated(client, relay_factory):
-    name = "mongo_outbox_dropped"
-    client.drop_database(name)
-    from mongo_outbox import ensure_indexes
-
-    ensure_indexes(client, name)
+def test_an_outbox_dropped_under_a_running_relay_is_not_recreated(client, db_name, relay_factory):
+    name = db_name  # this test's own database, outbox created by the fixture
     relay = relay_factory(name, publisher=InMemoryPublisher(), sample_interval=0.2)
     wait_for(lambda: relay.relay.health.ready() == (True, "active"), timeout=30)
     client.drop_database(name)

@@ -20,10 +20,8 @@ from .._errors import PoisonEventError
 from .._event import Message, attempts_of, message_from_document
 from ._slots import slot_of
 
-__all__ = ["RAW", "Event", "Poison", "decode_document", "event_from_raw", "raw_size", "to_event"]
+__all__ = ["Event", "Poison", "decode_document", "event_from_raw", "to_event"]
 
-#: Codec options that leave documents undecoded (the relay decodes them one by one).
-RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
 _STRICT: CodecOptions[dict[str, Any]] = CodecOptions(
     tz_aware=True, datetime_conversion=DatetimeConversion.DATETIME_AUTO
 )
@@ -105,8 +103,3 @@ def to_event(
 def event_from_raw(raw: RawBSONDocument, default_topic: str | None) -> Event | Poison:
     """Decode a raw outbox document and turn it into an :class:`Event` (or poison)."""
     return to_event(decode_document(raw, default_topic), default_topic, len(raw.raw))
-
-
-def raw_size(raw: Any) -> int:
-    """Bytes of a raw document (0 for a decoded one)."""
-    return len(raw.raw) if isinstance(raw, RawBSONDocument) else 0

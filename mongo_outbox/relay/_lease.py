@@ -26,7 +26,7 @@ from pymongo.errors import OperationFailure
 
 from .._admin import LIVE_LEASE, shared_outbox_warning
 from .._errors import ConfigurationError, LeaseLostError
-from .._store import state_collection_name
+from .._store import lenient, state_collection_name
 
 __all__ = ["Lease", "new_owner_id"]
 
@@ -274,8 +274,7 @@ class Lease:
 
         Each of them publishes every event too: relays meant to share the work share a name.
         """
-        options = self.state.codec_options.with_options(unicode_decode_error_handler="replace")
-        rows = self.state.with_options(codec_options=options).find(
+        rows = lenient(self.state).find(
             {"_id": {"$ne": self.name}, "$expr": LIVE_LEASE}, {"_id": 1}, sort=[("_id", 1)]
         )
         return [str(row["_id"]) for row in rows]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._errors import PublishError, TransientPublishError
+from .._event import as_utc
 from .._store import Failure
 from ._backoff import Backoff
 from ._decode import Event
@@ -26,13 +27,6 @@ __all__ = [
     "message_slot",
     "slot_of",
 ]
-
-
-def as_utc(value: _dt.datetime) -> _dt.datetime:
-    """An aware UTC datetime (PyMongo hands out naive UTC unless ``tz_aware``)."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=_dt.timezone.utc)
-    return value
 
 
 class SweepFilter:

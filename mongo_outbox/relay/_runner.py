@@ -125,7 +125,6 @@ class Relay:
         finally:
             self.sampler.stop()
             release_lease(self.lease)
-            self.metrics.lease_active.set(0)
         self.health.stopped("stopped")
 
     def run_once(self) -> int:
@@ -156,7 +155,6 @@ class Relay:
     def _take_lease(self, timeout: float | None) -> bool:
         if not await_lease(self.lease, self._stop, timeout, self.health):
             return False
-        self.metrics.lease_active.set(1)
         if self.lease.fence != self._fence:
             # Another relay may have moved on meanwhile: start from its checkpoint.
             self._fence = self.lease.fence

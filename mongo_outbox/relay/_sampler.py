@@ -6,16 +6,13 @@ answers, the outbox collection exists) and the oplog headroom warning come from 
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import threading
-import time
-from typing import Any
 
 from pymongo.errors import OperationFailure, PyMongoError
 
 from .._errors import ConfigurationError
-from .._event import STATUS_DEAD, STATUS_PENDING
+from .._event import STATUS_DEAD, STATUS_PENDING, age_of
 from .._oplog import headroom, read_oplog_window
 from .._store import OutboxStore
 from ._checkpoint import Checkpoint
@@ -111,7 +108,8 @@ class Sampler:
         # Set together, after the queries: a scrape sees one sample, not half of two.
         metrics.pending.set(pending)
         metrics.dead_events.set(dead)
-        metrics.oldest_pending_age.set(_age(oldest.get("created_at") if oldest else None))
+        age = age_of(oldest.get("created_at")) if oldest else None
+        metrics.oldest_pending_age.set(max(0.0, age or 0.0))
         self.pending = pending
         self._sample_oplog()
 
@@ -132,12 +130,3 @@ class Sampler:
                 seconds,
             )
         self._low_headroom = low
-
-
-def _age(value: Any) -> float:
-    if not isinstance(value, _dt.datetime):
-        return 0.0
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=_dt.timezone.utc)
-    age: float = max(0.0, time.time() - value.timestamp())
-    return age

@@ -21,7 +21,7 @@ from pymongo.errors import OperationFailure
 from .._event import utcnow
 from .._store import OutboxStore
 from ._config import RelayConfig
-from ._decode import Event, Poison, decode_document, raw_size, to_event
+from ._decode import Event, Poison, decode_document, to_event
 from ._dispatch import Dispatcher
 from ._ordering import SweepFilter, slot_of
 from ._pipelining import prefetch
@@ -89,7 +89,7 @@ class Sweeper:
                             after = event_id
                         if isinstance(doc, dict) and not filt.admit(doc):
                             continue
-                        record = to_event(doc, config.default_topic, raw_size(raw))
+                        record = to_event(doc, config.default_topic, len(raw.raw))
                         batch.append(record)
                         size += record.size
                         if len(batch) >= config.batch_size or size >= config.max_batch_bytes:

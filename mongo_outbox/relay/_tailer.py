@@ -20,9 +20,9 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.change_stream import CollectionChangeStream
 from pymongo.errors import OperationFailure
 
-from .._store import PUBLISH_PROJECTION, OutboxStore
+from .._store import PUBLISH_PROJECTION, RAW, OutboxStore
 from ._budget import BudgetQueue
-from ._decode import RAW, Event, Poison
+from ._decode import Event, Poison
 
 __all__ = ["Change", "Idle", "StreamFailed", "Tailer", "open_stream"]
 
