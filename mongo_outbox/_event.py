@@ -6,6 +6,7 @@ Everything here is pure: no I/O, so both the write side and the relay share it.
 from __future__ import annotations
 
 import base64
+import calendar
 import datetime as _dt
 import decimal
 import json
@@ -17,6 +18,7 @@ from typing import Any, NamedTuple, TypeGuard
 
 from bson import Decimal128, ObjectId
 from bson.int64 import Int64
+from bson.tz_util import utc as _BSON_UTC
 
 from ._errors import PoisonEventError, ValidationError
 
@@ -305,6 +307,9 @@ class _CheckedEvent(NamedTuple):
     size: int
 
 
+_new_tuple = tuple.__new__
+
+
 def _check_event(
     event_type: Any,
     payload: Any,
@@ -314,12 +319,30 @@ def _check_event(
     reserve: int = _RESERVED_OVERHEAD,
     added: int = len(RESERVED_ATTRIBUTES),
 ) -> _CheckedEvent:
-    """Every rule an event must meet to be published, shared by ``emit`` and the relay."""
-    type_bytes = _check_type(event_type)
-    topic = check_topic(topic)
-    key, key_bytes = _check_key(key)
-    attrs, attrs_bytes = _check_attributes(attributes, added)
-    data = encode_payload(payload)
+    """Every rule an event must meet to be published, shared by ``emit`` and the relay.
+
+    The relay checks every event it reads, so the common shapes (an ASCII ``str`` type and key
+    within their limits, no attributes, a ``bytes`` payload) take inline paths that give exactly
+    what the full checks give; anything else goes through the full checks, in the same order.
+    """
+    if type(event_type) is str and 0 < len(event_type) <= MAX_TYPE_BYTES and event_type.isascii():
+        type_bytes = len(event_type)  # ASCII: characters are bytes
+    else:
+        type_bytes = _check_type(event_type)
+    if topic is not None:
+        topic = check_topic(topic)
+    if key is None:
+        key_bytes = 0
+    elif type(key) is str and 0 < len(key) <= MAX_ORDERING_KEY_BYTES and key.isascii():
+        key_bytes = len(key)
+    else:
+        key, key_bytes = _check_key(key)
+    if attributes is None or (type(attributes) is dict and not attributes):
+        attrs: dict[str, str] = {}
+        attrs_bytes = 0
+    else:
+        attrs, attrs_bytes = _check_attributes(attributes, added)
+    data = payload if type(payload) is bytes else encode_payload(payload)
     size = len(data) + key_bytes + attrs_bytes + reserve + type_bytes
     if size > MAX_MESSAGE_BYTES:
         raise ValidationError(
@@ -327,7 +350,8 @@ def _check_event(
             f"{MAX_MESSAGE_BYTES:,} bytes of data and attributes: store the body elsewhere "
             "and publish a reference to it"
         )
-    return _CheckedEvent(event_type, topic, key, attrs, data, size)
+    # What _CheckedEvent(...) does, minus its Python-level __new__ (the relay checks every event).
+    return _new_tuple(_CheckedEvent, (event_type, topic, key, attrs, data, size))
 
 
 def build_document(
@@ -399,9 +423,11 @@ def message_from_document(doc: Mapping[str, Any], default_topic: str | None = No
         )
     trace_attributes: dict[str, str] = {}
     trace = doc.get("trace")
-    if trace is not None:
+    if trace is None:
+        reserve = _OUTBOX_OVERHEAD
+    else:
         _add_trace_attributes(trace_attributes, trace)
-    reserve = _OUTBOX_OVERHEAD + sum(len(k) + len(v) for k, v in trace_attributes.items())
+        reserve = _OUTBOX_OVERHEAD + sum(len(k) + len(v) for k, v in trace_attributes.items())
     try:
         event = _check_event(
             event_type,
@@ -414,13 +440,47 @@ def message_from_document(doc: Mapping[str, Any], default_topic: str | None = No
         )
     except ValidationError as exc:
         raise PoisonEventError(str(exc)) from exc
-    attributes = dict(event.attributes)
-    attributes[ATTR_EVENT_ID] = str(event_id)
-    attributes[ATTR_EVENT_TYPE] = event_type
-    attributes[ATTR_CREATED_AT] = format_timestamp(created_at)
-    attributes.update(trace_attributes)
+    tz = created_at.tzinfo
+    if tz is None or tz is _BSON_UTC or tz is _dt.timezone.utc:
+        # format_timestamp's text, from a cache of whole seconds (most events share one).
+        created = f"{utc_second(created_at)[0]}.{created_at.microsecond // 1000:03d}Z"
+    else:
+        created = format_timestamp(created_at)
+    if event.attributes:
+        attributes = dict(event.attributes)
+        attributes[ATTR_EVENT_ID] = str(event_id)
+        attributes[ATTR_EVENT_TYPE] = event_type
+        attributes[ATTR_CREATED_AT] = created
+    else:
+        attributes = {
+            ATTR_EVENT_ID: str(event_id),
+            ATTR_EVENT_TYPE: event_type,
+            ATTR_CREATED_AT: created,
+        }
+    if trace_attributes:
+        attributes.update(trace_attributes)
     topic = event.topic if event.topic is not None else default_topic
     return Message(event_id, topic, payload, event.key, attributes, event.size)
+
+
+# The relay formats the created_at of every event it reads, and most events of a batch share a
+# second: whole UTC seconds, by (year, month, day, hour, minute, second), with their ISO 8601
+# text and their seconds since the epoch. Bounded; a race between threads only recomputes.
+_UTC_SECONDS: dict[tuple[int, int, int, int, int, int], tuple[str, int]] = {}
+
+
+def utc_second(value: _dt.datetime) -> tuple[str, int]:
+    """The whole second of ``value`` (naive UTC, or aware in UTC): its ISO 8601 text (to the
+    seconds, no zone) and its seconds since the epoch."""
+    key = (value.year, value.month, value.day, value.hour, value.minute, value.second)
+    known = _UTC_SECONDS.get(key)
+    if known is None:
+        second = value.replace(microsecond=0, tzinfo=None)
+        known = (second.isoformat(), calendar.timegm(second.timetuple()))
+        if len(_UTC_SECONDS) >= 4096:
+            _UTC_SECONDS.clear()
+        _UTC_SECONDS[key] = known
+    return known
 
 
 def is_traceparent(value: Any) -> TypeGuard[str]:
