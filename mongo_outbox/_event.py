@@ -21,6 +21,7 @@ from bson.int64 import Int64
 from bson.tz_util import utc as _BSON_UTC
 
 from ._errors import PoisonEventError, ValidationError
+from ._partition import slot_for
 
 __all__ = [
     "ATTR_CREATED_AT",
@@ -370,8 +371,9 @@ def build_document(
     ``trace`` is the W3C context to store (``traceparent``, optional ``tracestate``).
     """
     event = _check_event(event_type, payload, topic, key, attributes)
+    event_id = event_id if event_id is not None else ObjectId()
     doc = {
-        "_id": event_id if event_id is not None else ObjectId(),
+        "_id": event_id,
         "type": event.event_type,
         "topic": event.topic,
         "key": event.key,
@@ -380,6 +382,7 @@ def build_document(
         "created_at": created_at if created_at is not None else utcnow(),
         "status": STATUS_PENDING,
         "attempts": 0,
+        "slot": slot_for(event.key, event_id),
     }
     if trace is not None:
         doc["trace"] = dict(trace)

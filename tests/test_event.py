@@ -429,6 +429,7 @@ def test_build_document_fields():
         "created_at",
         "status",
         "attempts",
+        "slot",
     }
     assert isinstance(doc["_id"], ObjectId)
     assert doc["type"] == "OrderCreated"
