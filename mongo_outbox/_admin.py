@@ -14,9 +14,19 @@ from pymongo.database import Database
 
 from ._event import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED
 from ._event import utcnow as _utcnow
+from ._partition import Partition
 from ._store import lenient, state_collection_name
 
-__all__ = ["LIVE_LEASE", "FailingReason", "OutboxAdmin", "RelayInfo", "shared_outbox_warning"]
+__all__ = [
+    "LIVE_LEASE",
+    "FailingReason",
+    "GroupInfo",
+    "MemberInfo",
+    "OutboxAdmin",
+    "PartitionInfo",
+    "RelayInfo",
+    "shared_outbox_warning",
+]
 
 _T = TypeVar("_T")
 
@@ -55,6 +65,38 @@ class RelayInfo:
     lease_remaining: float | None
     #: When the resume token was last saved.
     checkpoint_at: _dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class MemberInfo:
+    """A member of a relay group, from its heartbeat."""
+
+    owner: str
+    live: bool
+    #: Partitions whose lease it held at its last heartbeat.
+    owns: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionInfo:
+    """One partition of a relay group."""
+
+    index: int
+    #: Lease owner while live, else None.
+    owner: str | None
+    lease_remaining: float | None
+    checkpoint_at: _dt.datetime | None
+    pending: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """A relay group (``--partitions`` above 1) as an operator sees it."""
+
+    name: str
+    partitions: int
+    members: list[MemberInfo]
+    parts: list[PartitionInfo]
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,9 +234,11 @@ class OutboxAdmin:
         return bool(result.modified_count)
 
     def active_relays(self) -> list[RelayInfo]:
-        """Every relay state document of this outbox, by name, live or not."""
+        """Every relay state document of this outbox, by name, live or not; a relay group
+        (see :meth:`group`) counts as one, live while any of its members is."""
         rows = self.state.aggregate(
             [
+                {"$match": {"group": {"$exists": False}}},
                 {
                     "$project": {
                         "lease_owner": 1,
@@ -225,7 +269,78 @@ class OutboxAdmin:
                 checkpoint_at=_typed(row.get("checkpoint_at"), _dt.datetime),
             )
             for row in rows
+        ] + [
+            RelayInfo(str(row["_id"]), None, None, True, None, None)
+            for row in self.state.aggregate(
+                [
+                    {"$match": {"group": {"$type": "string"}, "kind": "member"}},
+                    {"$match": {"$expr": LIVE_LEASE}},
+                    {"$group": {"_id": "$group"}},
+                    {"$sort": {"_id": 1}},
+                ]
+            )
         ]
+
+    def group(self, name: str) -> GroupInfo | None:
+        """The relay group ``name``: its members, and each partition's owner, checkpoint and
+        pending count (None when no relay of that name ever ran with partitions)."""
+        now_ms = {"$subtract": ["$lease_expires_at", "$$NOW"]}
+        project = {
+            "kind": 1,
+            "partition": 1,
+            "partitions": 1,
+            "lease_owner": 1,
+            "owns": 1,
+            "checkpoint_at": 1,
+            "live": LIVE_LEASE,
+            "remaining_ms": {"$cond": [LIVE_LEASE, now_ms, None]},
+            "expires": "$lease_expires_at",
+        }
+        rows = list(
+            lenient(self.state).aggregate(
+                [{"$match": {"group": name}}, {"$project": project}, {"$sort": {"expires": -1}}]
+            )
+        )
+        members = [r for r in rows if r.get("kind") == "member"]
+        counts = [r.get("partitions") for r in members if r["live"]] or [
+            r.get("partitions") for r in members
+        ]
+        count = counts[0] if counts and isinstance(counts[0], int) else None
+        if count is None:
+            return None
+        parts = {
+            r["partition"]: r
+            for r in rows
+            if r.get("kind") != "member" and r.get("partitions") == count
+        }
+        infos = []
+        for index in range(count):
+            row = parts.get(index, {})
+            live = bool(row.get("live"))
+            query = {"status": STATUS_PENDING, **Partition(index, count).match()}
+            infos.append(
+                PartitionInfo(
+                    index=index,
+                    owner=_typed(row.get("lease_owner"), str) if live else None,
+                    lease_remaining=float(row["remaining_ms"]) / 1000 if live else None,
+                    checkpoint_at=_typed(row.get("checkpoint_at"), _dt.datetime),
+                    pending=self.outbox.count_documents(query),
+                )
+            )
+        return GroupInfo(
+            name=name,
+            partitions=count,
+            members=[
+                MemberInfo(
+                    owner=str(r.get("lease_owner")),
+                    live=bool(r["live"]),
+                    owns=[p for p in r.get("owns") or [] if isinstance(p, int)],
+                )
+                for r in sorted(members, key=lambda r: str(r.get("lease_owner")))
+                if r.get("partitions") == count
+            ],
+            parts=infos,
+        )
 
 
 def _dead_query(

@@ -21,18 +21,24 @@ from pymongo.read_concern import ReadConcern
 
 from ._errors import ConfigurationError
 from ._event import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED
+from ._partition import Partition
 
 __all__ = [
     "RAW",
+    "SLOT_INDEX",
     "Failure",
     "OutboxStore",
     "ensure_indexes",
     "find_one_lenient",
     "lenient",
     "state_collection_name",
+    "sweep_position",
 ]
 
 PENDING_INDEX = "status_1__id_1"
+#: Serves the sweeps of a relay group's partitions (ranges of slots, ``_id`` order per slot).
+SLOT_INDEX = "status_1_slot_1__id_1"
+_WHOLE = Partition()
 # Fields the relay needs to publish an event; bookkeeping fields stay on the server.
 PUBLISH_PROJECTION = {
     "type": 1,
@@ -44,6 +50,7 @@ PUBLISH_PROJECTION = {
     "attempts": 1,
     "next_attempt_at": 1,
     "trace": 1,
+    "slot": 1,
 }
 # Codes that say a snapshot read is not possible here: SnapshotUnavailable, SnapshotTooOld,
 # InvalidOptions, TypeMismatch, FailedToParse, OperationNotSupportedInTransaction.
@@ -62,11 +69,14 @@ def ensure_indexes(
     client: MongoClient[Any] | Database[Any],
     database: str | None = None,
     collection: str = "outbox",
+    *,
+    partitions: int = 1,
 ) -> None:
     """Create the outbox and relay state collections and the indexes the relay relies on.
 
     Idempotent. Collections are created up front because a transaction on an older server
     cannot create one. Takes a :class:`pymongo.MongoClient` with ``database`` or a Database.
+    With ``partitions`` above 1 (a relay group), also the index of the partitions' sweeps.
     """
     db = client if isinstance(client, Database) else client[_require(database)]
     for name in (collection, state_collection_name(collection)):
@@ -78,6 +88,15 @@ def ensure_indexes(
             if exc.code != 48:  # NamespaceExists
                 raise
     db[collection].create_index([("status", ASCENDING), ("_id", ASCENDING)], name=PENDING_INDEX)
+    if partitions > 1:
+        ensure_slot_index(db[collection])
+
+
+def ensure_slot_index(outbox: Collection[Any]) -> None:
+    """Create the index a relay group's partition sweeps read (idempotent)."""
+    outbox.create_index(
+        [("status", ASCENDING), ("slot", ASCENDING), ("_id", ASCENDING)], name=SLOT_INDEX
+    )
 
 
 def _require(database: str | None) -> str:
@@ -131,33 +150,50 @@ class OutboxStore:
             self.outbox.bulk_write(ops, ordered=False)
 
     def pending_batches(
-        self, batch_size: int, at: Timestamp | None = None, after: Any = None
+        self,
+        batch_size: int,
+        at: Timestamp | None = None,
+        after: Any = None,
+        partition: Partition = _WHOLE,
     ) -> Iterator[list[RawBSONDocument]]:
-        """Pending events in ``_id`` order (after ``after`` if given), in lists of up to
-        ``batch_size`` raw documents (the relay decodes each on its own).
+        """Pending events of ``partition`` in lists of up to ``batch_size`` raw documents (the
+        relay decodes each on its own), starting after position ``after`` if given.
+
+        The whole outbox is read in ``_id`` order and a position is an ``_id``; a partition of
+        a group is read in (``slot``, ``_id``) order, which keeps each key's order, and a
+        position is a (slot, _id) pair (see :func:`sweep_position`).
 
         Read at cluster time ``at`` when given: a snapshot read at the time the change stream
         starts makes the sweep and the stream meet without a gap or an order inversion;
         servers that cannot do it get a plain read. A snapshot that becomes too old while it is
         read raises ``OperationFailure`` code 239 (SnapshotTooOld).
         """
-        query: dict[str, Any] = {"status": STATUS_PENDING}
+        query: dict[str, Any] = {"status": STATUS_PENDING, **partition.match()}
+        order = _order(partition)
         # An index bound rather than {"_id": {"$gt": after}}: $gt only matches _ids of the
         # same BSON type, the index orders them all. The bound is inclusive: skip ``after``.
-        bounds = {"min": {"status": STATUS_PENDING, "_id": after}} if after is not None else {}
+        bounds: dict[str, Any] = {}
+        if after is not None:
+            bound = (STATUS_PENDING, *after) if not partition.whole else (STATUS_PENDING, after)
+            bounds = {"min": dict(zip(order.fields, bound, strict=True))}
+        first_id = after if partition.whole or after is None else after[-1]
+        # A snapshot read is hinted (a missing index makes it fall back to a plain read); a
+        # plain read only where a bound needs the index.
+        hint = order.index if bounds or partition.whole else None
         outbox = self.outbox.with_options(codec_options=RAW)
         if at is not None:
             try:
-                yield from _skip_first(self._snapshot_find(query, batch_size, at, bounds), after)
+                found = self._snapshot_find(query, batch_size, at, bounds, order, hint)
+                yield from _skip_first(found, first_id)
                 return
             except _SnapshotUnavailable:
                 pass
-        cursor_options: dict[str, Any] = {"sort": [("_id", ASCENDING)], "batch_size": batch_size}
+        cursor_options: dict[str, Any] = {"sort": order.sort, "batch_size": batch_size}
         if bounds:
-            cursor_options.update(hint=PENDING_INDEX, min=bounds["min"])
+            cursor_options.update(hint=order.index, **bounds)
         if at is None:
             cursor = outbox.find(query, PUBLISH_PROJECTION, **cursor_options)
-            yield from _skip_first(_batches(cursor, batch_size), after)
+            yield from _skip_first(_batches(cursor, batch_size), first_id)
             return
         # Without snapshot reads (servers before 5.0): a majority read from the primary that
         # waits for ``at``, so nothing committed at or before ``at`` is missed.
@@ -167,7 +203,7 @@ class OutboxStore:
         with self.db.client.start_session(causal_consistency=True) as session:
             session.advance_operation_time(at)
             cursor = outbox.find(query, PUBLISH_PROJECTION, session=session, **cursor_options)
-            yield from _skip_first(_batches(cursor, batch_size), after)
+            yield from _skip_first(_batches(cursor, batch_size), first_id)
 
     def _snapshot_find(
         self,
@@ -175,17 +211,20 @@ class OutboxStore:
         batch_size: int,
         at: Timestamp,
         bounds: Mapping[str, Any],
+        order: _Order,
+        hint: str | None,
     ) -> Iterator[list[RawBSONDocument]]:
-        cmd = {
+        cmd: dict[str, Any] = {
             "find": self.outbox.name,
             "filter": query,
             "projection": PUBLISH_PROJECTION,
-            "sort": {"_id": 1},
-            "hint": PENDING_INDEX,
+            "sort": dict(order.sort),
             "batchSize": batch_size,
             "readConcern": {"level": "snapshot", "atClusterTime": at},
             **bounds,
         }
+        if hint is not None:
+            cmd["hint"] = hint
         # A cursor belongs to the session that opened it: every getMore must use the same one.
         with self.db.client.start_session(causal_consistency=False) as session:
             try:
@@ -350,3 +389,28 @@ def _skip_first(
 
 class _SnapshotUnavailable(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class _Order:
+    index: str
+    fields: tuple[str, ...]  # of the index, status first
+
+    @property
+    def sort(self) -> list[tuple[str, int]]:
+        return [(f, ASCENDING) for f in self.fields[1:]]
+
+
+_BY_ID = _Order(PENDING_INDEX, ("status", "_id"))
+_BY_SLOT = _Order(SLOT_INDEX, ("status", "slot", "_id"))
+
+
+def _order(partition: Partition) -> _Order:
+    return _BY_ID if partition.whole else _BY_SLOT
+
+
+def sweep_position(partition: Partition, doc: Mapping[str, Any]) -> Any:
+    """Where a sweep of ``partition`` resumes after the (decoded) document ``doc``."""
+    if partition.whole:
+        return doc["_id"]
+    return (doc.get("slot"), doc["_id"])

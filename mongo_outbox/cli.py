@@ -29,7 +29,7 @@ from pymongo.errors import ConfigurationError as MongoConfigurationError
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from . import __version__
-from ._admin import OutboxAdmin, RelayInfo, shared_outbox_warning
+from ._admin import GroupInfo, OutboxAdmin, RelayInfo, shared_outbox_warning
 from ._errors import REPLICA_SET_FIX, ConfigurationError, ConnectError, LeaseLostError
 from ._event import age_of, format_timestamp
 from ._logging import LOG_FORMATS, cli_logging, redact
@@ -293,6 +293,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="seconds a relay's lease lasts; a standby takes over after it expires (default 15)",
     )
     relay.add_argument(
+        "--partitions",
+        type=_number(int, "--partitions"),
+        default=_env("--partitions") or "1",
+        help="split the outbox into this many partitions shared by the relays of --name, each "
+        "publishing its fair share (default 1: one relay publishes, the others stand by); "
+        "every relay of a name must use the same number",
+    )
+    relay.add_argument(
         "--dead-key-policy",
         choices=["release", "hold"],
         default=_env("--dead-key-policy") or "release",
@@ -307,6 +315,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "indexes (idempotent). The application can do the same with ensure_indexes().",
     )
     _add_mongo_flags(init)
+    init.add_argument(
+        "--partitions",
+        type=_number(int, "--partitions"),
+        default=_env("--partitions") or "1",
+        help="above 1, also create the index the partitions of a relay group sweep with "
+        "(the relays create it too when they may)",
+    )
 
     status = sub.add_parser(
         "status",
@@ -461,7 +476,7 @@ def _connect(args: argparse.Namespace, *, need_database: bool = True) -> MongoCl
 def _cmd_init(args: argparse.Namespace) -> int:
     client = _connect(args)
     try:
-        ensure_indexes(client, args.database, args.collection)
+        ensure_indexes(client, args.database, args.collection, partitions=args.partitions)
     finally:
         client.close()
     print(f"outbox {args.database}.{args.collection} ready (collections and indexes)")
@@ -478,6 +493,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         errors = admin.newest_errors()
         failing, reasons = admin.failing_pending()
         relays = admin.active_relays()
+        group = admin.group(args.name)
         window = read_oplog_window(client)
     finally:
         client.close()
@@ -519,6 +535,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         "oplog_unavailable": window.unavailable,
         "relays": [_relay_report(r) for r in relays],
         "live_relays": [r.name for r in live],
+        "group": None if group is None else _group_report(group),
         "warnings": warnings,
     }
     problems = _check_problems(report, args.max_lag) if args.check else []
@@ -552,8 +569,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
             + ("  (low: under a quarter of the window)" if low else "")
         )
     print(f"lease owner       {report['lease_owner'] or '-'}")
-    holders = ", ".join(f"{r.name} ({r.owner}, {r.lease_remaining or 0:.1f}s left)" for r in live)
+    holders = ", ".join(
+        f"{r.name} (relay group)"
+        if r.owner is None
+        else f"{r.name} ({r.owner}, {r.lease_remaining or 0:.1f}s left)"
+        for r in live
+    )
     print(f"live relays       {holders or '-'}")
+    if group is not None:
+        _print_group(report["group"])
     for warning in warnings:
         print(f"warning: {warning}")
     for e in report["newest_dead"]:
@@ -607,6 +631,38 @@ def _relay_report(relay: RelayInfo) -> dict[str, Any]:
         "lease_remaining_s": relay.lease_remaining,
         "checkpoint_age_s": age_of(relay.checkpoint_at),
     }
+
+
+def _group_report(group: GroupInfo) -> dict[str, Any]:
+    return {
+        "name": group.name,
+        "partitions": group.partitions,
+        "members": [{"owner": m.owner, "live": m.live, "owns": m.owns} for m in group.members],
+        "parts": [
+            {
+                "partition": p.index,
+                "owner": p.owner,
+                "lease_remaining_s": p.lease_remaining,
+                "checkpoint_age_s": age_of(p.checkpoint_at),
+                "pending": p.pending,
+            }
+            for p in group.parts
+        ],
+    }
+
+
+def _print_group(group: dict[str, Any]) -> None:
+    live = [m for m in group["members"] if m["live"]]
+    print(f"group {group['name']}: {group['partitions']} partitions, {len(live)} live members")
+    for m in live:
+        owns = ", ".join(str(p) for p in m["owns"]) or "none"
+        print(f"  member {m['owner']}  partitions {owns}")
+    for p in group["parts"]:
+        age = p["checkpoint_age_s"]
+        print(
+            f"  partition {p['partition']:<3} owner {p['owner'] or '-'}  checkpoint "
+            f"{'none' if age is None else f'{age:.1f}s'}  pending {p['pending']}"
+        )
 
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
@@ -756,6 +812,7 @@ def _cmd_relay(args: argparse.Namespace) -> int:
             max_attempts=args.max_attempts,
             lease_ttl=args.lease_ttl,
             dead_key_policy=args.dead_key_policy,
+            partitions=args.partitions,
         )
         if args.default_topic is not None:
             from ._event import check_topic

@@ -594,6 +594,9 @@ class FakeLease:
         if self.lost:
             raise LeaseLostError("lease lost (fake)")
 
+    def confirm(self) -> None:
+        self.check()
+
     def fenced(self) -> dict[str, Any]:
         return {"_id": "default", "fence": 7}
 

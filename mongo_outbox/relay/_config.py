@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .._errors import ConfigurationError
+from .._partition import SLOTS
 
 __all__ = ["RelayConfig"]
 
@@ -63,6 +64,9 @@ class RelayConfig:
     #: What a dead event does to its key: "release" lets later events of the key go on,
     #: "hold" keeps them pending until the dead event is requeued (or deleted).
     dead_key_policy: Literal["release", "hold"] = "release"
+    #: Partitions of the outbox shared by a group of relays of this ``name`` (1: one relay
+    #: publishes everything, the others wait as standbys). Every relay of a name must agree.
+    partitions: int = 1
 
     def __post_init__(self) -> None:
         if not self.database:
@@ -75,5 +79,7 @@ class RelayConfig:
             raise ConfigurationError("max_attempts must be at least 1")
         if self.lease_ttl <= 0:
             raise ConfigurationError("lease_ttl must be positive")
+        if not 1 <= self.partitions <= SLOTS:
+            raise ConfigurationError(f"partitions must be between 1 and {SLOTS}")
         if self.dead_key_policy not in ("release", "hold"):
             raise ConfigurationError("dead_key_policy must be 'release' or 'hold'")

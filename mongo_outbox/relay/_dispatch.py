@@ -1,7 +1,8 @@
 """Publish events in order, retry what failed transiently, record every outcome.
 
 The dispatcher owns the rules of one publish round: poison is set aside as dead at once; events
-of a held slot or an isolated topic stay ``pending``; a Publish call never outlives the lease;
+of a held slot or an isolated topic stay ``pending``; every publish call is preceded by a check of
+the lease's fence on the server and never outlives the lease;
 transient failures are retried in place with backoff until their topic is isolated; permanent
 ones count an attempt (see :func:`~mongo_outbox.relay._ordering.classify`).
 """
@@ -134,7 +135,9 @@ class Dispatcher:
         pending = events
         rounds = 0
         while pending:
-            self._lease.check()
+            # On the server: a lease whose fence moved (taken over after a pause) publishes
+            # nothing more.
+            self._lease.confirm()
             log.debug("publishing %d event(s)", len(pending))
             started = time.perf_counter()
             results = self._publisher.publish(

@@ -28,6 +28,7 @@ class Health:
         self._stopped: str | None = None
         self._role = "starting"
         self._not_ready: str | None = "not connected to MongoDB yet"
+        self._problem: str | None = None
 
     def beat(self) -> None:
         """The loop got something done."""
@@ -52,6 +53,11 @@ class Health:
         with self._lock:
             self._stopped = reason
 
+    def problem(self, reason: str | None) -> None:
+        """A part of the relay (a group member's partition) is unhealthy; None: none is."""
+        with self._lock:
+            self._problem = reason
+
     def role(self, role: str) -> None:
         """``active``, ``standby`` or ``waiting``."""
         with self._lock:
@@ -68,6 +74,8 @@ class Health:
             now = self._clock()
             if self._stopped is not None:
                 return False, f"relay loop stopped: {self._stopped}"
+            if self._problem is not None:
+                return False, self._problem
             if self._failing_since is not None and now - self._failing_since > self.unhealthy_after:
                 return False, (
                     f"pipeline failing for {now - self._failing_since:.0f}s: {self._failure}"

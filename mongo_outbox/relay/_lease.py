@@ -138,12 +138,23 @@ class Lease:
     """The lease of relay ``name`` in ``state`` for ``owner``."""
 
     def __init__(
-        self, state: Collection[Any], name: str, owner: str, ttl: float, margin: float = 0.25
+        self,
+        state: Collection[Any],
+        name: str,
+        owner: str,
+        ttl: float,
+        margin: float = 0.25,
+        *,
+        group: str | None = None,
+        tags: dict[str, Any] | None = None,
     ) -> None:
         if ttl <= 0:
             raise ConfigurationError("lease ttl must be positive")
         self.state = state
         self.name = name
+        #: The relay name of a group's partition lease (None: the lease of an ungrouped relay).
+        self.group = group
+        self._tags = tags or {}
         self.owner = owner
         self.ttl = ttl
         self.fence: int | None = None
@@ -153,6 +164,7 @@ class Lease:
         #: The outbox, as ``database.collection``.
         self.outbox = f"{state.database.name}.{state.name.removesuffix(suffix)}"
         self._warned: set[str] = set()
+        self._warned_group = False
 
     @property
     def held(self) -> bool:
@@ -184,7 +196,7 @@ class Lease:
             # $expr cannot appear in an upsert's filter: make sure the document exists first.
             self.state.update_one(
                 {"_id": self.name},
-                {"$setOnInsert": {"fence": 0, "lease_owner": None}},
+                {"$setOnInsert": {"fence": 0, "lease_owner": None, **self._tags}},
                 upsert=True,
             )
             doc = self.state.find_one_and_update(
@@ -222,6 +234,12 @@ class Lease:
         if doc is None:
             return False  # someone else holds an unexpired lease
         fence = int(doc["fence"])
+        if self.group is None and self._group_live():
+            # Taken first, checked after: a group member heartbeats first and checks this
+            # lease after, so of two starting at once at least one sees the other.
+            self.fence = fence
+            self.release()
+            return False
         repair = doc.get("last_repair")
         if isinstance(repair, dict) and repair.get("call") == call:
             log.warning(
@@ -265,6 +283,29 @@ class Lease:
         )
         self.fence = None
 
+    def confirm(self) -> None:
+        """Check on the server that the lease is still ours (owner and fence unchanged);
+        raise :class:`LeaseLostError`, dropping it, if it moved."""
+        self.check()
+        if self.state.find_one(self.fenced(), {"_id": 1}) is None:
+            log.warning("relay %r lost its lease (fence %s moved)", self.name, self.fence)
+            self.fence = None
+            raise LeaseLostError(f"relay {self.name!r} lost its lease (the fence moved)")
+
+    def _group_live(self) -> bool:
+        """Whether members of a relay group of this name are live: an ungrouped relay of the
+        same name waits for them to stop."""
+        found = lenient(self.state).find_one({"group": self.name, "$expr": LIVE_LEASE}, {"_id": 1})
+        if found is not None and not self._warned_group:
+            self._warned_group = True
+            log.warning(
+                "relay group %r (--partitions above 1) is live on %s: this relay, without "
+                "partitions, waits until every member stops",
+                self.name,
+                self.outbox,
+            )
+        return found is not None
+
     def fenced(self) -> dict[str, Any]:
         """The filter that makes a state write conditional on still holding the lease."""
         return {"_id": self.name, "lease_owner": self.owner, "fence": self.fence}
@@ -274,10 +315,14 @@ class Lease:
 
         Each of them publishes every event too: relays meant to share the work share a name.
         """
+        name = self.group or self.name
         rows = lenient(self.state).find(
-            {"_id": {"$ne": self.name}, "$expr": LIVE_LEASE}, {"_id": 1}, sort=[("_id", 1)]
+            {"_id": {"$ne": name}, "group": {"$ne": name}, "$expr": LIVE_LEASE},
+            {"_id": 1, "group": 1},
+            sort=[("_id", 1)],
         )
-        return [str(row["_id"]) for row in rows]
+        # A group counts once, by its name.
+        return sorted({str(row.get("group") or row["_id"]) for row in rows})
 
     def warn_other_relays(self) -> list[str]:
         """:meth:`others_active`, with a WARNING the first time each other name shows up."""
@@ -285,7 +330,9 @@ class Lease:
         for other in others:
             if other not in self._warned:
                 self._warned.add(other)
-                log.warning("%s", shared_outbox_warning([self.name, other], self.outbox))
+                log.warning(
+                    "%s", shared_outbox_warning([self.group or self.name, other], self.outbox)
+                )
         return others
 
 

@@ -1,6 +1,8 @@
 """The relay's Prometheus metrics (names are a contract: dashboards and alerts use them).
 
-Every metric carries the labels ``outbox="<database>.<collection>"`` and ``relay="<name>"``.
+Every metric carries the labels ``outbox="<database>.<collection>"`` and ``relay="<name>"``;
+in a relay group (``--partitions`` above 1) the per-partition gauges (checkpoint age, lease,
+held keys) also carry ``partition="<index>"``, one series per partition this process owns.
 Each relay has its own registry, so several relays in one process do not collide; the HTTP
 side serves it.
 """
@@ -11,24 +13,37 @@ import bisect
 import threading
 from collections import Counter as _Tally
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["BatchHistogram", "RelayMetrics"]
+__all__ = ["BatchHistogram", "PartitionState", "RelayMetrics"]
 
 _LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 _PUBLISH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+@dataclass(frozen=True, slots=True)
+class PartitionState:
+    """What the per-partition gauges show of one partition."""
+
+    partition: int | None
+    checkpoint_age: float | None
+    lease_active: bool
+    held_keys: int
+
+
 class RelayMetrics:
     """Counters, gauges and histograms of one relay, in their own registry."""
 
-    def __init__(self, outbox: str, relay: str) -> None:
+    def __init__(self, outbox: str, relay: str, *, partitioned: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         base = ["outbox", "relay"]
         self._labels = {"outbox": outbox, "relay": relay}
+        self.partitioned = partitioned
+        own = [*base, "partition"] if partitioned else base
         r = self.registry
 
         def gauge(name: str, doc: str) -> Gauge:
@@ -72,7 +87,7 @@ class RelayMetrics:
         self._checkpoint_age = Gauge(
             "mongo_outbox_checkpoint_age_seconds",
             "Time since this relay last saved its resume token (absent before its first save)",
-            base,
+            own,
             registry=r,
         )
         # Unlabelled until known: absent where the oplog cannot be read.
@@ -88,8 +103,11 @@ class RelayMetrics:
             base,
             registry=r,
         )
-        self.lease_active = gauge(
-            "mongo_outbox_lease_active", "1 while this process holds the lease, else 0"
+        self._lease_active = Gauge(
+            "mongo_outbox_lease_active",
+            "1 while this process holds the lease, else 0",
+            own,
+            registry=r,
         )
         self.restarts = Counter(
             "mongo_outbox_pipeline_restarts_total",
@@ -97,8 +115,11 @@ class RelayMetrics:
             base,
             registry=r,
         ).labels(**self._labels)
-        self.held_keys = gauge(
-            "mongo_outbox_held_keys", "(topic, key) slots held behind a failed event"
+        self._held_keys = Gauge(
+            "mongo_outbox_held_keys",
+            "(topic, key) slots held behind a failed event",
+            own,
+            registry=r,
         )
 
     def published(self, topics: Iterable[str | None]) -> None:
@@ -111,12 +132,24 @@ class RelayMetrics:
         for topic, n in _Tally(_topic_id(t) for t in topics).items():
             self._failed.labels(**self._labels, topic=topic, kind=kind).inc(n)
 
-    def checkpoint(self, age: float | None) -> None:
-        """Set the checkpoint age; None (not saved by this relay yet) removes it."""
-        if age is None:
-            self._checkpoint_age.clear()
+    def partitions(self, rows: Iterable[PartitionState]) -> None:
+        """Set the per-partition gauges: one row per partition this process works on (one row,
+        partition None, for a relay without partitions). A checkpoint age of None (not saved
+        by this process yet) leaves its series out."""
+        gauges = (self._checkpoint_age, self._lease_active, self._held_keys)
+        if self.partitioned:
+            for gauge in gauges:
+                gauge.clear()  # partitions given back must not linger
         else:
-            self._checkpoint_age.labels(**self._labels).set(age)
+            self._checkpoint_age.clear()
+        for row in rows:
+            labels = dict(self._labels)
+            if self.partitioned:
+                labels["partition"] = str(row.partition)
+            if row.checkpoint_age is not None:
+                self._checkpoint_age.labels(**labels).set(row.checkpoint_age)
+            self._lease_active.labels(**labels).set(1 if row.lease_active else 0)
+            self._held_keys.labels(**labels).set(row.held_keys)
 
     def oplog(self, window: float | None, headroom: float | None) -> None:
         """Set the oplog gauges; None removes one (absent rather than wrong)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from bson import Timestamp
@@ -28,6 +29,8 @@ from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
 from .._errors import ConfigurationError, LeaseLostError
+from .._oplog import token_time
+from .._partition import Partition
 from .._store import OutboxStore
 from ..publishers import Publisher
 from ._backoff import Backoff
@@ -36,10 +39,11 @@ from ._config import RelayConfig
 from ._decode import Event, Poison, event_from_raw
 from ._dedup import StreamSweepDedup
 from ._dispatch import Dispatcher
+from ._group import RelayGroup
 from ._health import Health
 from ._keeper import await_lease, await_outbox, keep_renewed, release_lease
 from ._lease import Lease, new_owner_id
-from ._metrics import RelayMetrics
+from ._metrics import PartitionState, RelayMetrics
 from ._progress import Progress
 from ._sampler import Sampler, missing_outbox
 from ._stats import RelayStats
@@ -62,29 +66,90 @@ class Relay:
     :class:`threading.Event` to stop it, or :meth:`run_once` to drain what is pending.
     """
 
+    store: OutboxStore
+    lease: Lease
+    metrics: RelayMetrics
+
     def __init__(self, client: MongoClient[Any], publisher: Publisher, config: RelayConfig) -> None:
+        whole = Partition() if config.partitions == 1 else None
+        self._setup(client, publisher, config, whole, None)
+
+    @classmethod
+    def _of_partition(cls, group: Relay, partition: Partition) -> Relay:
+        """The relay of one partition, working for the group member ``group``."""
+        relay = cls.__new__(cls)
+        relay._setup(group.client, group.publisher, group.config, partition, group)
+        return relay
+
+    def _setup(
+        self,
+        client: MongoClient[Any],
+        publisher: Publisher,
+        config: RelayConfig,
+        partition: Partition | None,
+        group: Relay | None,
+    ) -> None:
         self.client = client
         self.publisher = publisher
         self.config = config
-        self.store = OutboxStore(client[config.database], config.collection)
-        self.stats = RelayStats()
-        self._stop = threading.Event()
-        owner = config.owner or new_owner_id()
-        self.lease = Lease(self.store.state, config.name, owner, config.lease_ttl)
-        self.checkpoint = Checkpoint(
-            self.store, config.name, self.lease, config.checkpoint_interval
+        #: The slots this relay publishes; None for a group member, whose partitions' relays
+        #: come and go with the group's membership.
+        self.partition = partition
+        self.store = (
+            group.store if group else OutboxStore(client[config.database], config.collection)
         )
+        self._stats = RelayStats()
+        self._stop = threading.Event()
+        owner = group.lease.owner if group else config.owner or new_owner_id()
+        state_id = partition.state_id(config.name) if partition else config.name
+        grouped = partition is not None and not partition.whole
+        tags = (
+            {"group": config.name, "partition": partition.index, "partitions": partition.count}
+            if grouped and partition
+            else None
+        )
+        self.lease = Lease(
+            self.store.state,
+            state_id,
+            owner,
+            config.lease_ttl,
+            group=config.name if grouped else None,
+            tags=tags,
+        )
+        self.checkpoint = Checkpoint(self.store, state_id, self.lease, config.checkpoint_interval)
         self.dedup = StreamSweepDedup()
-        self.metrics = RelayMetrics(f"{config.database}.{config.collection}", config.name)
+        self.metrics = (
+            group.metrics
+            if group
+            else RelayMetrics(
+                f"{config.database}.{config.collection}",
+                config.name,
+                partitioned=config.partitions > 1,
+            )
+        )
         self.health = Health(config.unhealthy_after)
         self.dispatcher = Dispatcher(
-            publisher, self.store, self.lease, config, self.stats, self.metrics, self._progressed
+            publisher,
+            self.store,
+            self.lease,
+            config,
+            self._stats,
+            self.metrics,
+            (group or self)._progressed,
         )
-        self.sweeper = Sweeper(self.store, self.dispatcher, config, self.store.cluster_time)
+        self.sweeper = Sweeper(
+            self.store, self.dispatcher, config, self.store.cluster_time, partition or Partition()
+        )
         self.sampler = Sampler(
-            self.store, self.checkpoint, self.metrics, self.health, config.sample_interval
+            self.store, self._oldest_token, self.metrics, self.health, config.sample_interval
         )
         self.progress = Progress(config.progress_interval)
+        self._group = group
+        #: True while :meth:`run` works (or waits as a standby).
+        self.running = False
+        self._progress_lock = threading.Lock()
+        #: Relays of the partitions this group member has worked on (None: not a member).
+        self._partitions: list[Relay] | None = None if partition else []
         self._restarts = Backoff(config.transient_initial, config.transient_max)
         self._fence: int | None = None
         # A pipeline run is steady once it has consumed the stream without failing for this
@@ -93,14 +158,28 @@ class Relay:
         self._started_at = 0.0
         self._steady = False
 
+    @property
+    def stats(self) -> RelayStats:
+        """Counters since start (a group member's add up those of its partitions)."""
+        if self._partitions is None:
+            return self._stats
+        return RelayStats.total([self._stats, *(r.stats for r in self._partitions)])
+
     def run(self, stop: threading.Event | None = None) -> None:
         """Relay until ``stop`` is set; connection losses are ridden out with backoff.
 
-        Waits as a standby while another relay holds the lease of this outbox and name.
+        Waits as a standby while another relay holds the lease of this outbox and name. With
+        ``partitions`` above 1 in its config, runs as a member of the group of relays sharing
+        the name: it works on its share of the partitions, each in its own thread.
         """
         self._stop = stop or self._stop
+        if self._partitions is not None:
+            RelayGroup(self, self._partitions, self._of_partition).run(self._stop)
+            return
+        self.running = True
         failures = 0
-        self.sampler.start()
+        if self._group is None:
+            self.sampler.start()
         try:
             # Checked before every (re)start: a dropped outbox must not be recreated by the
             # lease or the checkpoint.
@@ -123,8 +202,10 @@ class Relay:
             self.health.stopped(f"{type(exc).__name__}: {exc}")
             raise
         finally:
-            self.sampler.stop()
+            if self._group is None:
+                self.sampler.stop()
             release_lease(self.lease)
+            self.running = False
         self.health.stopped("stopped")
 
     def run_once(self) -> int:
@@ -133,10 +214,16 @@ class Relay:
         Returns the number of events published. Raises :class:`LeaseLostError` when another
         relay holds the lease for longer than one lease period (it is doing the work).
         """
-        before = self.stats.published
         missing = missing_outbox(self.store)
         if missing is not None:
             raise ConfigurationError(missing)
+        if self._partitions is not None:
+            # A group member drains every partition in turn (each under its own lease).
+            count = self.config.partitions
+            relays = [self._of_partition(self, Partition(i, count)) for i in range(count)]
+            self._partitions.extend(relays)
+            return sum(relay.run_once() for relay in relays)
+        before = self.stats.published
         try:
             if not self._take_lease(timeout=self.config.lease_ttl + 1.0):
                 raise LeaseLostError(
@@ -188,6 +275,7 @@ class Relay:
             self.store.cluster_time,
             await_seconds=await_seconds,
             batch_size=config.batch_size,
+            partition=self.partition or Partition(),
         )
         if recovered:
             self.stats.recoveries += 1
@@ -227,20 +315,41 @@ class Relay:
         finally:
             tailer.stop()
             self.dispatcher.close()
-        self.stats.skipped_duplicates = self.dedup.skipped
+        self._stats.skipped_duplicates = self.dedup.skipped
         self.checkpoint.save(force=True)
 
     def refresh_metrics(self) -> None:
         """Bring the gauges that need no query up to date (the HTTP side calls it)."""
-        saved = self.checkpoint.saved_at
-        self.metrics.checkpoint(None if saved is None else max(0.0, time.time() - saved))
-        self.metrics.held_keys.set(len(self.dispatcher.gate))
-        self.metrics.lease_active.set(1 if self.lease.held else 0)
+        now = time.time()
+        relays = [self] if self._partitions is None else self._working()
+        self.metrics.partitions(
+            PartitionState(
+                None if r.partition is None or r.partition.whole else r.partition.index,
+                None if r.checkpoint.saved_at is None else max(0.0, now - r.checkpoint.saved_at),
+                r.lease.held,
+                len(r.dispatcher.gate),
+            )
+            for r in relays
+        )
+
+    def _working(self) -> list[Relay]:
+        """The partitions' relays of a group member that are running now."""
+        return [r for r in self._partitions or () if r.running]
+
+    def _oldest_token(self) -> Mapping[str, Any] | None:
+        """The checkpoint furthest behind (what the oplog must still hold)."""
+        if self._partitions is None:
+            return self.checkpoint.token
+        tokens = [r.checkpoint.token for r in self._working() if r.checkpoint.token is not None]
+        return min(tokens, key=lambda t: token_time(t) or Timestamp(0, 0), default=None)
 
     def _progressed(self) -> None:
         """The dispatcher settled events: a beat, and now and then a progress line."""
         self.health.beat()
-        self.progress.update(self.stats.published, self.dispatcher.last_lag, self.sampler.pending)
+        lags = [r.dispatcher.last_lag for r in (self._partitions or [self])]
+        lag = max((x for x in lags if x is not None), default=None)
+        with self._progress_lock:  # a group member's partitions progress in several threads
+            self.progress.update(self.stats.published, lag, self.sampler.pending)
 
     def _sweep(self, *, grace: float | None, at: Timestamp) -> SweepResult:
         result = self.sweeper.sweep(grace=grace, at=at, stop=self._stop)
@@ -275,7 +384,7 @@ class Relay:
                 records.append(item.record)
         if records:
             self.dispatcher.dispatch(records)
-        self.stats.skipped_duplicates = self.dedup.skipped
+        self._stats.skipped_duplicates = self.dedup.skipped
         self.checkpoint.advance(token)
         self.checkpoint.save()
         if failure is not None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from pymongo.errors import OperationFailure, PyMongoError
 
@@ -15,7 +17,6 @@ from .._errors import ConfigurationError
 from .._event import STATUS_DEAD, STATUS_PENDING, age_of
 from .._oplog import headroom, read_oplog_window
 from .._store import OutboxStore
-from ._checkpoint import Checkpoint
 from ._health import Health
 from ._metrics import RelayMetrics
 
@@ -52,13 +53,13 @@ class Sampler:
     def __init__(
         self,
         store: OutboxStore,
-        checkpoint: Checkpoint,
+        token: Callable[[], Mapping[str, Any] | None],
         metrics: RelayMetrics,
         health: Health,
         interval: float,
     ) -> None:
         self._store = store
-        self._checkpoint = checkpoint
+        self._token = token
         self._metrics = metrics
         self._health = health
         self.interval = interval
@@ -115,7 +116,7 @@ class Sampler:
 
     def _sample_oplog(self) -> None:
         window = read_oplog_window(self._store.db.client)
-        room = headroom(self._checkpoint.token, window)
+        room = headroom(self._token(), window)
         self._metrics.oplog(window.seconds, room)
         seconds = window.seconds
         if room is None or not seconds:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
 
 __all__ = ["RelayStats"]
 
@@ -18,3 +19,12 @@ class RelayStats:
     recoveries: int = 0
     restarts: int = 0
     sweep_resumes: int = 0
+
+    @classmethod
+    def total(cls, parts: Iterable[RelayStats]) -> RelayStats:
+        """The sum of several relays' counters."""
+        result = cls()
+        for part in parts:
+            for f in fields(cls):
+                setattr(result, f.name, getattr(result, f.name) + getattr(part, f.name))
+        return result

@@ -19,7 +19,8 @@ from bson import Timestamp
 from pymongo.errors import OperationFailure
 
 from .._event import utcnow
-from .._store import OutboxStore
+from .._partition import Partition
+from .._store import OutboxStore, sweep_position
 from ._config import RelayConfig
 from ._decode import Event, Poison, decode_document, to_event
 from ._dispatch import Dispatcher
@@ -52,7 +53,9 @@ class Sweeper:
         dispatcher: Dispatcher,
         config: RelayConfig,
         cluster_time: Callable[[], Timestamp],
+        partition: Partition,
     ) -> None:
+        self._partition = partition
         self._store = store
         self._dispatcher = dispatcher
         self._config = config
@@ -63,7 +66,7 @@ class Sweeper:
 
     def sweep(self, *, grace: float | None, at: Timestamp, stop: threading.Event) -> SweepResult:
         """Publish the admissible pending events as of cluster time ``at``."""
-        config = self._config
+        config, partition = self._config, self._partition
         gate = self._dispatcher.gate
         dead = self._store.dead_keys() if config.dead_key_policy == "hold" else ()
         dead_slots = [s for t, k in dead if (s := self._slot({"topic": t, "key": k}))]
@@ -77,16 +80,22 @@ class Sweeper:
         while not stop.is_set():
             try:
                 for raws in prefetch(
-                    self._store.pending_batches(config.batch_size, at=result.read_at, after=after),
+                    self._store.pending_batches(
+                        config.batch_size, at=result.read_at, after=after, partition=partition
+                    ),
                     depth=2,
                 ):
                     for raw in raws:
                         if stop.is_set():
                             break
                         doc = decode_document(raw, config.default_topic)
-                        event_id = doc.event_id if isinstance(doc, Poison) else doc.get("_id")
-                        if event_id is not None:
-                            after = event_id
+                        if isinstance(doc, Poison):
+                            # A partition's position needs the slot too: a resume there reads
+                            # this document again (it is set dead again, harmlessly).
+                            if partition.whole and doc.event_id is not None:
+                                after = doc.event_id
+                        elif doc.get("_id") is not None:
+                            after = sweep_position(partition, doc)
                         if isinstance(doc, dict) and not filt.admit(doc):
                             continue
                         record = to_event(doc, config.default_topic, len(raw.raw))

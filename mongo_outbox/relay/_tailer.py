@@ -20,6 +20,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.change_stream import CollectionChangeStream
 from pymongo.errors import OperationFailure
 
+from .._partition import Partition
 from .._store import PUBLISH_PROJECTION, RAW, OutboxStore
 from ._budget import BudgetQueue
 from ._decode import Event, Poison
@@ -33,11 +34,15 @@ _CHANGE_PROJECTION: dict[str, int] = {
     "clusterTime": 1,
     **{f"fullDocument.{field}": 1 for field in ("_id", *PUBLISH_PROJECTION)},
 }
-_PIPELINE: list[dict[str, Any]] = [
-    {"$match": {"operationType": "insert"}},
-    # Only what publishing needs: decoding change events is the tailer's main cost.
-    {"$project": _CHANGE_PROJECTION},
-]
+
+
+def _pipeline(partition: Partition) -> list[dict[str, Any]]:
+    """Inserts of ``partition``'s documents, filtered on the server."""
+    return [
+        {"$match": {"operationType": "insert", **partition.match("fullDocument.slot")}},
+        # Only what publishing needs: decoding change events is the tailer's main cost.
+        {"$project": _CHANGE_PROJECTION},
+    ]
 
 
 def open_stream(
@@ -47,17 +52,20 @@ def open_stream(
     *,
     await_seconds: float,
     batch_size: int,
+    partition: Partition,
 ) -> tuple[CollectionChangeStream[Any], bool]:
-    """Open the stream after ``token``, or at cluster time ``at()`` when there is none or it is
-    unusable; return the stream and whether it started without the token (a recovery)."""
+    """Open ``partition``'s stream after ``token``, or at cluster time ``at()`` when there is
+    none or it is unusable; return the stream and whether it started without the token (a
+    recovery)."""
     outbox = store.outbox.with_options(codec_options=RAW)
+    pipeline = _pipeline(partition)
     options: dict[str, Any] = {
         "max_await_time_ms": int(await_seconds * 1000),
         "batch_size": batch_size,
     }
     if token is not None:
         try:
-            stream = outbox.watch(_PIPELINE, start_after=token, **options)
+            stream = outbox.watch(pipeline, start_after=token, **options)
             log.info("resumed change stream from checkpoint")
             return stream, False
         except (OperationFailure, InvalidDocument, InvalidBSON, TypeError, ValueError) as exc:
@@ -68,7 +76,7 @@ def open_stream(
             )
     else:
         log.info("no checkpoint: recovering by a full sweep")
-    return outbox.watch(_PIPELINE, start_at_operation_time=at(), **options), True
+    return outbox.watch(pipeline, start_at_operation_time=at(), **options), True
 
 
 @dataclass(frozen=True, slots=True)
