@@ -26,7 +26,7 @@ from pymongo.errors import PyMongoError
 
 from mongo_outbox import ConfigurationError, ConnectError, cli
 from mongo_outbox import _event as ev
-from mongo_outbox._store import PENDING_INDEX, OutboxStore, state_collection_name
+from mongo_outbox._store import PENDING_INDEX, SLOT_INDEX, OutboxStore, state_collection_name
 from mongo_outbox.cli import main, parse_args
 from mongo_outbox.relay._lease import Lease
 from mongo_outbox.testing import find_mongod
@@ -216,6 +216,8 @@ def test_commands_without_uri_or_database(command, capsys):
         (["--max-batch-bytes", "1e6"], "'1e6' is not an integer"),
         (["--isolate-after", "soon"], "'soon' is not a number"),
         (["--default-topic", "goog-topic"], "bad relay setting: invalid topic"),
+        (["--partitions", "0"], "'0' must be positive"),
+        (["--partitions", "1025"], "bad relay setting: partitions must be between 1 and 1024"),
     ],
 )
 def test_bad_relay_settings_exit_2_before_connecting(flags, match, capsys):
@@ -585,6 +587,17 @@ def test_init_then_status(mongodb_uri, outbox_database, mongo_client, capsys):
     assert re.search(r"^dead\s+1$", out, re.MULTILINE), out
     assert re.search(r"^oldest pending\s+\d+\.\ds$", out, re.MULTILINE), out
     assert f"dead {seeded['ids'][3]} OrderCreated key=order-3: topic refused" in out
+
+
+def test_init_with_partitions_creates_the_index_of_their_sweeps(
+    mongodb_uri, outbox_database, mongo_client, capsys
+):
+    base = ["--mongo-uri", mongodb_uri, "--database", outbox_database]
+    assert _exit_code(["init", *base], capsys)[0] == 0
+    assert SLOT_INDEX not in mongo_client[outbox_database].outbox.index_information()
+    assert _exit_code(["init", *base, "--partitions", "4"], capsys)[0] == 0
+    index = mongo_client[outbox_database].outbox.index_information()[SLOT_INDEX]
+    assert index["key"] == [("status", 1), ("slot", 1), ("_id", 1)]
 
 
 def test_init_is_idempotent_as_a_process(mongodb_uri, outbox_database, mongo_client):

@@ -201,3 +201,22 @@ def test_status_shows_the_group(client, db_name, pubsub, relay_factory, capsys, 
     assert "member member-a  partitions 0, 1, 2" in out
     assert out.count("owner member-a") == 3
     assert "warning" not in out  # a group's members are not several relay names
+
+
+def test_one_partition_writes_the_state_of_before(client, db_name, pubsub, relay_factory):
+    topic, sub = pubsub.topic()
+    runner = relay_factory(db_name, default_topic=topic, partitions=1)
+    _emit(client, db_name, 20, keys=4)
+    sub.pull_until(20, timeout=30)
+    runner.stop()
+    docs = list(client[db_name][state_collection_name("outbox")].find())
+    assert [d["_id"] for d in docs] == ["default"]
+    assert set(docs[0]) == {
+        "_id",
+        "fence",
+        "lease_owner",
+        "lease_expires_at",
+        "resume_token",
+        "checkpoint_at",
+    }
+    assert SLOT_INDEX not in client[db_name].outbox.index_information()

@@ -331,3 +331,40 @@ def test_an_outbox_dropped_under_a_running_relay_is_not_recreated(client, db_nam
     assert name not in client.list_database_names()
     relay.stop()
     assert name not in client.list_database_names()
+
+
+def test_a_group_member_labels_its_partitions_gauges(
+    client, db_name, pubsub, relay_factory, served
+):
+    topic, sub = pubsub.topic()
+    runner = relay_factory(db_name, default_topic=topic, partitions=3, owner="member-a")
+    port = served(runner.relay)
+    labels = {"outbox": f"{db_name}.outbox", "relay": "default"}
+    _emit(client, db_name, 30)
+    sub.pull_until(30, timeout=30)
+    metrics = wait_for(
+        lambda: (
+            (
+                m
+                if all(
+                    ("mongo_outbox_lease_active", frozenset({**labels, "partition": p}.items()))
+                    in m
+                    for p in "012"
+                )
+                else None
+            )
+            if (m := _metrics(port))
+            else None
+        ),
+        timeout=30,
+    )
+    for p in "012":
+        assert _value(metrics, "mongo_outbox_lease_active", partition=p) == 1
+        assert _value(metrics, "mongo_outbox_held_keys", partition=p) == 0
+    assert _value(metrics, "mongo_outbox_events_published_total", topic=topic) == 30
+    # The member's role follows its partitions at its next heartbeat.
+    wait_for(lambda: _get(port, "/readyz") == (200, "active\n"), timeout=10)
+    runner.stop()
+    # Partitions given back leave no series behind.
+    after = _metrics(port)
+    assert not [k for k in after if k[0] == "mongo_outbox_lease_active"]
