@@ -337,7 +337,10 @@ class Bench:
 
 
 def _git_revision() -> str:
-    """The project's commit, and whether mongo_outbox/ differs from it (read-only git calls)."""
+    """The project's commit, and whether mongo_outbox/ differs from it (read-only git calls;
+    none with MONGO_OUTBOX_BENCH_NO_GIT set)."""
+    if os.environ.get("MONGO_OUTBOX_BENCH_NO_GIT"):
+        return "git not asked"
     root = str(Path(__file__).resolve().parent.parent)
     try:
         head = subprocess.run(

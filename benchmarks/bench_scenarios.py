@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import resource
 import shutil
 import statistics
 import subprocess
@@ -39,13 +40,16 @@ from bench_env import (
     write_indexes,
 )
 from bson import ObjectId
+from google.pubsub_v1 import PublishRequest
 from pymongo import ASCENDING, MongoClient
 from pymongo.write_concern import WriteConcern
 
 from mongo_outbox import PubSubPublisher, Relay, RelayConfig, outbox_transaction
+from mongo_outbox.publishers._pubsub import make_gapic_client
 
 Metrics = dict[str, float]
 MB = 1_000_000
+US = 1_000_000  # microseconds per second
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class Config:
     latency_relay: str  # "thread" or "process"
     stream_relay: str  # "thread" or "process"
     stream_writers: int
+    drain_relay: str  # "thread" (Relay.run_once in this process) or "process" (relay --once)
+    group_n: int
+    group_partitions: int
     write_tx: int
     write_block: int
     verify: bool
@@ -122,6 +129,61 @@ def raw(bench: Bench, cfg: Config, rnd: int) -> Metrics:
     return {"raw": cfg.n / elapsed}
 
 
+_PB_REQUEST: Any = PublishRequest.pb()
+BROKER_BATCH = 1000  # messages per Publish request, as the relay sends them
+
+
+def broker(bench: Bench, cfg: Config, rnd: int) -> Metrics:
+    """The broker's own limit: N messages shaped as the relay's (200 bytes, 16 keys, the three
+    outbox_* attributes), as raw protobuf Publish requests of 1,000, built inside the timing
+    and sent one after another through the generated (GAPIC) client, as the relay sends a
+    topic's requests. No MongoDB. CPU per message is this process's (only this thread works).
+    """
+    with bench.topic("broker") as (topic, sub):
+        client = make_gapic_client()
+        path = client.topic_path(PROJECT, topic)
+        created = utcnow().replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+        data = [payload_bytes(i) for i in range(cfg.n)]
+        keys = [key_of(i) for i in range(cfg.n)]
+        ids = [str(ObjectId()) for _ in range(cfg.n)]
+
+        def request(lo: int, hi: int) -> Any:
+            # The cheapest build known (as PubSubPublisher does it): messages added in place,
+            # attributes set one by one.
+            req = _PB_REQUEST(topic=path)
+            add = req.messages.add
+            for i in range(lo, hi):
+                attributes = add(data=data[i], ordering_key=keys[i]).attributes
+                attributes["outbox_event_id"] = ids[i]
+                attributes["outbox_event_type"] = EVENT_TYPE
+                attributes["outbox_created_at"] = created
+            return req
+
+        try:
+            # Untimed: the channel's connection and the topic's first request.
+            warm = _PB_REQUEST(topic=path)
+            warm.messages.add(data=b"warm-up")
+            client.publish(request=PublishRequest.wrap(warm), retry=None, timeout=60)
+            cpu0 = _cpu_self()
+            started = time.perf_counter()
+            for lo in range(0, cfg.n, BROKER_BATCH):
+                req = request(lo, min(cfg.n, lo + BROKER_BATCH))
+                client.publish(request=PublishRequest.wrap(req), retry=None, timeout=60)
+            elapsed = time.perf_counter() - started
+            cpu = _cpu_self() - cpu0
+        finally:
+            client.transport.close()
+        if cfg.verify and rnd == 0:
+            messages = [m for m in sub.collect(cfg.n + 1) if m.data != b"warm-up"]
+            arrival = check_arrival(messages, payload_id_of)
+            text = f"broker: subscription {arrival.describe(cfg.n)}"
+            log(f"  verified {text}")
+            bench.notes.append(f"verified {text}")
+            if arrival.distinct != cfg.n or not arrival.order_ok:
+                raise BenchError(text)
+    return {"broker": cfg.n / elapsed, "broker_cpu": cpu / cfg.n * US}
+
+
 def naive(bench: Bench, cfg: Config, rnd: int) -> Metrics:
     """The hand-rolled polling relay of naive_relay.py draining N pending events."""
     client = bench.mongo_client
@@ -143,25 +205,41 @@ def naive(bench: Bench, cfg: Config, rnd: int) -> Metrics:
     return {"naive": cfg.n / elapsed}
 
 
+def _cpu_self() -> float:
+    """CPU seconds (user + system) of this whole process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_children() -> float:
+    """CPU seconds (user + system) of the children this process has waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_of(proc: psutil.Process) -> float:
+    """CPU seconds (user + system, its children included) of a running process."""
+    t = proc.cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def drain(bench: Bench, cfg: Config, rnd: int) -> Metrics:
-    """``Relay.run_once`` (in-process) draining N pending events."""
+    """The relay draining N pending events: ``Relay.run_once`` in this process (default), or
+    ``mongo-outbox relay --once`` as its own process (``--drain-relay process``).
+
+    CPU per event: in this process, the process's CPU while ``run_once`` runs (the calling
+    thread is the relay's own; nothing else here works meanwhile); as a process, its CPU from
+    the 'acquired the lease' log line (imports and connecting done) to its exit.
+    """
     client = bench.mongo_client
     with bench.database("drain") as db, bench.topic("drain") as (topic, sub):
         write_backlog(client, db, cfg.n)
-        relay_client: MongoClient[Any] = MongoClient(bench.mongo.uri, tz_aware=True)
-        relay_client.admin.command("ping")
-        relay, publisher = _relay(relay_client, db, topic)
-        try:
-            started_wall = utcnow()
-            started = time.perf_counter()
-            published = relay.run_once()
-            elapsed = time.perf_counter() - started
-            ended_wall = utcnow()
-        finally:
-            publisher.close()
-            relay_client.close()
-        if published != cfg.n:
-            raise BenchError(f"Relay.run_once published {published} of {cfg.n}")
+        if cfg.drain_relay == "process":
+            published, elapsed, cpu, started_wall, ended_wall = _drain_process(bench, db, topic)
+        else:
+            published, elapsed, cpu, started_wall, ended_wall = _drain_in_process(bench, db, topic)
+        if published is not None and published != cfg.n:
+            raise BenchError(f"the relay published {published} of {cfg.n}")
         _check_published(bench, db, cfg.n, "drain")
         last = client[db].outbox.find_one({}, {"published_at": 1}, sort=[("published_at", -1)])
         if last is None:
@@ -170,7 +248,71 @@ def drain(bench: Bench, cfg: Config, rnd: int) -> Metrics:
         busy = (last["published_at"] - started_wall).total_seconds()
         if cfg.verify and rnd == 0:
             _verify(bench, "drain", sub, cfg.n, event_id_of)
-    return {"drain": cfg.n / elapsed, "drain_busy": cfg.n / busy, "drain_tail": tail}
+    return {
+        "drain": cfg.n / elapsed,
+        "drain_busy": cfg.n / busy,
+        "drain_tail": tail,
+        "drain_cpu": cpu / cfg.n * US,
+        "drain_cpu_share": cpu / elapsed,
+    }
+
+
+def _drain_in_process(bench: Bench, db: str, topic: str) -> tuple[int, float, float, Any, Any]:
+    relay_client: MongoClient[Any] = MongoClient(bench.mongo.uri, tz_aware=True)
+    relay_client.admin.command("ping")
+    relay, publisher = _relay(relay_client, db, topic)
+    try:
+        started_wall = utcnow()
+        cpu0 = _cpu_self()
+        started = time.perf_counter()
+        published = relay.run_once()
+        elapsed = time.perf_counter() - started
+        cpu = _cpu_self() - cpu0
+        ended_wall = utcnow()
+    finally:
+        publisher.close()
+        relay_client.close()
+    return published, elapsed, cpu, started_wall, ended_wall
+
+
+def _drain_process(bench: Bench, db: str, topic: str) -> tuple[None, float, float, Any, Any]:
+    """``mongo-outbox relay --once``: timed and measured from 'acquired the lease' to exit."""
+    lease: list[tuple[float, float, Any]] = []
+    lines: list[str] = []
+    children0 = _cpu_children()
+    proc = bench.spawn(
+        [_mongo_outbox_exe(), "relay", "--once"],
+        bench.relay_env(db, topic),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    ps = psutil.Process(proc.pid)
+
+    def read_log() -> None:
+        assert proc.stderr is not None
+        for raw_line in proc.stderr:
+            line = raw_line.decode(errors="replace").rstrip()
+            lines.append(line)
+            if not lease and "acquired the lease" in line:
+                with contextlib.suppress(psutil.Error):
+                    lease.append((time.perf_counter(), _cpu_of(ps), utcnow()))
+
+    reader = threading.Thread(target=read_log, name="bench-relay-log", daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=1800)
+        ended = time.perf_counter()
+        ended_wall = utcnow()
+    finally:
+        bench.stop_process(proc)
+        reader.join(timeout=10)
+    if code != 0:
+        raise BenchError(f"relay --once exited with {code}: {lines[-10:]}")
+    if not lease:
+        raise BenchError(f"no 'acquired the lease' line in the relay's log: {lines[-10:]}")
+    started, cpu_at_lease, started_wall = lease[0]
+    cpu = _cpu_children() - children0 - cpu_at_lease
+    return None, ended - started, cpu, started_wall, ended_wall
 
 
 def _warm_relay(bench: Bench, db: str) -> None:
@@ -185,18 +327,26 @@ def stream(bench: Bench, cfg: Config, rnd: int) -> Metrics:
     """A caught-up relay while N events are committed 100 per transaction.
 
     Each writer thread owns a share of the keys, so per-key order is still one writer's order.
+    CPU per event: the relay process's CPU from the first commit until nothing is pending (as a
+    thread: this process's CPU less the writer threads' and the main thread's).
     """
     client = bench.mongo_client
     with bench.database("stream") as db, bench.topic("stream") as (topic, sub):
-        with _relay_running(bench, cfg, db, topic, mode=cfg.stream_relay):
+        with _relay_running(bench, cfg, db, topic, mode=cfg.stream_relay) as relay_cpu:
             shares = [
                 [j for j in range(cfg.n) if (j % KEYS) % cfg.stream_writers == w]
                 for w in range(cfg.stream_writers)
             ]
-            writers = [
-                threading.Thread(target=write_indexes, args=(client, db, share, 100))
-                for share in shares
-            ]
+            writer_cpu: list[float] = []
+
+            def write_share(share: list[int]) -> None:
+                try:
+                    write_indexes(client, db, share, 100)
+                finally:
+                    writer_cpu.append(time.thread_time())
+
+            writers = [threading.Thread(target=write_share, args=(share,)) for share in shares]
+            cpu0 = relay_cpu()
             started = time.perf_counter()
             for w in writers:
                 w.start()
@@ -204,10 +354,18 @@ def stream(bench: Bench, cfg: Config, rnd: int) -> Metrics:
                 w.join()
             written = time.perf_counter()
             done = wait_until(lambda: pending_count(client, db) == 0, 600, 0.05)
+            cpu = relay_cpu() - cpu0
+            if cfg.stream_relay != "process":
+                cpu -= sum(writer_cpu)
         _check_published(bench, db, cfg.n + 1, "stream")
         if cfg.verify and rnd == 0:
             _verify(bench, "stream", sub, cfg.n + 1, event_id_of)
-    return {"stream": cfg.n / (done - started), "stream_writer": cfg.n / (written - started)}
+    return {
+        "stream": cfg.n / (done - started),
+        "stream_writer": cfg.n / (written - started),
+        "stream_cpu": cpu / cfg.n * US,
+        "stream_cpu_share": cpu / (done - started),
+    }
 
 
 # -- latency -------------------------------------------------------------------------------
@@ -216,8 +374,12 @@ def stream(bench: Bench, cfg: Config, rnd: int) -> Metrics:
 @contextlib.contextmanager
 def _relay_running(
     bench: Bench, cfg: Config, db: str, topic: str, mode: str | None = None
-) -> Iterator[None]:
-    """A caught-up relay: ``Relay.run`` in a thread, or ``mongo-outbox relay`` as a process."""
+) -> Iterator[Callable[[], float]]:
+    """A caught-up relay: ``Relay.run`` in a thread, or ``mongo-outbox relay`` as a process.
+
+    Yields a function giving the relay's CPU seconds so far: the process's own (its children
+    included); for a thread, this process's CPU less the calling (main) thread's.
+    """
     if (mode or cfg.latency_relay) == "process":
         proc = bench.spawn(
             [_mongo_outbox_exe(), "relay"],
@@ -225,9 +387,10 @@ def _relay_running(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        ps = psutil.Process(proc.pid)
         try:
             _warm_relay(bench, db)
-            yield
+            yield lambda: _cpu_of(ps)
         finally:
             bench.stop_process(proc)
         return
@@ -236,7 +399,7 @@ def _relay_running(
     try:
         with RelayInThread(relay.run):
             _warm_relay(bench, db)
-            yield
+            yield lambda: _cpu_self() - time.thread_time()
     finally:
         publisher.close()
         relay_client.close()
@@ -449,8 +612,155 @@ def restart(bench: Bench, cfg: Config, rnd: int) -> Metrics:
     return {"restart_first": first - started, "restart_lease": lease_at[0] - started}
 
 
+# -- relay groups --------------------------------------------------------------------------
+
+_PARTITIONS_FLAG: list[bool] = []
+
+
+def _supports_partitions() -> bool:
+    """Whether ``mongo-outbox relay`` takes ``--partitions`` (asked once per run)."""
+    if not _PARTITIONS_FLAG:
+        out = subprocess.run(
+            [_mongo_outbox_exe(), "relay", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        ).stdout
+        _PARTITIONS_FLAG.append("--partitions" in out)
+    return _PARTITIONS_FLAG[0]
+
+
+@dataclass(frozen=True)
+class GroupRun:
+    rate: float  # events/s from launch until all are published
+    busy_rate: float  # events/s from the first published event until all are
+    first: float  # seconds from launch to the first published event
+    cpu: float  # CPU µs per event of all relays, from their start-up line to the end
+
+
+class _RelayLog:
+    """Reads a relay process's stderr: keeps its tail, and its CPU at the start-up line
+    (`relaying ...`: imports done and MongoDB connected, nothing relayed yet)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.ps = psutil.Process(proc.pid)
+        self.lines: list[str] = []
+        self.cpu_ready: float | None = None
+        self.thread = threading.Thread(target=self._read, name="bench-relay-log", daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw_line in self.proc.stderr:
+            line = raw_line.decode(errors="replace").rstrip()
+            self.lines = [*self.lines[-50:], line]
+            if self.cpu_ready is None and "relaying " in line:
+                with contextlib.suppress(psutil.Error):
+                    self.cpu_ready = _cpu_of(self.ps)
+
+
+def _group_round(
+    bench: Bench, cfg: Config, relays: int, partitions: int | None, verify: bool
+) -> GroupRun:
+    """``relays`` processes of ``mongo-outbox relay --name bench [--partitions P]`` launched at
+    once on a backlog of ``group_n`` events; timed until the outbox counts them all published.
+    """
+    client = bench.mongo_client
+    n = cfg.group_n
+    with bench.database("group") as db, bench.topic("group") as (topic, sub):
+        write_backlog(client, db, n)
+        outbox = client[db].outbox
+        argv = [_mongo_outbox_exe(), "relay", "--name", "bench"]
+        if partitions is not None:
+            argv += ["--partitions", str(partitions)]
+        logs: list[_RelayLog] = []
+        try:
+            started = time.perf_counter()
+            for _ in range(relays):
+                proc = bench.spawn(
+                    argv,
+                    bench.relay_env(db, topic),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+                logs.append(_RelayLog(proc))
+            first: float | None = None
+            deadline = started + 1800
+            while True:
+                for i, relay_log in enumerate(logs):
+                    if relay_log.proc.poll() is not None:
+                        tail = "\n".join(relay_log.lines[-10:])
+                        raise BenchError(
+                            f"relay {i} exited with {relay_log.proc.returncode}:\n{tail}"
+                        )
+                published = outbox.count_documents({"status": "published"})
+                now = time.perf_counter()
+                if first is None and published:
+                    first = now
+                if published >= n:
+                    cpu_done = [_cpu_of(relay_log.ps) for relay_log in logs]
+                    done = now
+                    break
+                if now > deadline:
+                    raise BenchError(f"group: {published} of {n} published after 30 minutes")
+                time.sleep(0.05)
+        finally:
+            codes = [bench.stop_process(relay_log.proc) for relay_log in logs]
+            for relay_log in logs:
+                relay_log.thread.join(timeout=10)
+        if any(codes):
+            raise BenchError(f"group: relays exited with {codes}")
+        _check_published(bench, db, n, "group")
+        assert first is not None
+        missing = [i for i, relay_log in enumerate(logs) if relay_log.cpu_ready is None]
+        if missing:
+            raise BenchError(f"group: no start-up line ('relaying ...') from relays {missing}")
+        cpu = sum(
+            c - (relay_log.cpu_ready or 0.0) for c, relay_log in zip(cpu_done, logs, strict=True)
+        )
+        if verify:
+            _verify(bench, f"group of {relays}", sub, n, event_id_of)
+    return GroupRun(
+        rate=n / (done - started),
+        busy_rate=n / max(done - first, 1e-9),
+        first=first - started,
+        cpu=cpu / n * US,
+    )
+
+
+def group(bench: Bench, cfg: Config, rnd: int) -> Metrics:
+    """Aggregate drain rate of a relay group: 1, 2 and 4 ``mongo-outbox relay --name bench
+    --partitions P`` processes on one outbox, and one relay without partitions (today's).
+    """
+    metrics: Metrics = {}
+    today = _group_round(bench, cfg, 1, None, verify=False)
+    metrics.update(
+        group_p1=today.rate,
+        group_busy_p1=today.busy_rate,
+        group_first_p1=today.first,
+        group_cpu_p1=today.cpu,
+    )
+    if not _supports_partitions():
+        note = "group: `mongo-outbox relay` has no --partitions yet: only today's relay measured"
+        if note not in bench.notes:
+            bench.notes.append(note)
+        return metrics
+    p = cfg.group_partitions
+    for relays in (1, 2, 4):
+        run = _group_round(bench, cfg, relays, p, verify=cfg.verify and rnd == 0 and relays == 4)
+        metrics[f"group_{relays}"] = run.rate
+        metrics[f"group_busy_{relays}"] = run.busy_rate
+        metrics[f"group_first_{relays}"] = run.first
+        metrics[f"group_cpu_{relays}"] = run.cpu
+    metrics["group_ratio"] = metrics["group_1"] / metrics["group_p1"]
+    return metrics
+
+
 SCENARIOS: dict[str, Callable[[Bench, Config, int], Metrics]] = {
     "raw": raw,
+    "broker": broker,
     "naive": naive,
     "drain": drain,
     "stream": stream,
@@ -458,4 +768,5 @@ SCENARIOS: dict[str, Callable[[Bench, Config, int], Metrics]] = {
     "write": write,
     "memory": memory,
     "restart": restart,
+    "group": group,
 }

@@ -39,12 +39,19 @@ from mongo_outbox import PubSubPublisher, Relay, RelayConfig
 # (metric, scenario, label, unit, decimals)
 ROWS: list[tuple[str, str, str, str, int]] = [
     ("raw", "raw", "stock PublisherClient, 16 keys", "msg/s", 0),
+    ("broker", "broker", "raw protobuf requests via GAPIC", "msg/s", 0),
+    ("broker_cpu", "broker", "  client CPU per message", "µs", 1),
+    ("drain_vs_broker", "broker", "  drain as a fraction of broker", "x", 2),
     ("naive", "naive", "hand-rolled polling relay", "ev/s", 0),
     ("drain", "drain", "Relay.run_once on N pending", "ev/s", 0),
     ("drain_busy", "drain", "  start -> last published_at", "ev/s", 0),
     ("drain_tail", "drain", "  last published_at -> return", "s", 2),
+    ("drain_cpu", "drain", "  relay CPU per event", "µs", 1),
+    ("drain_cpu_share", "drain", "  relay CPU / wall time (cores)", "x", 2),
     ("stream", "stream", "relay tailing 100-ev/tx commits", "ev/s", 0),
     ("stream_writer", "stream", "  writer alone (commit rate)", "ev/s", 0),
+    ("stream_cpu", "stream", "  relay CPU per event", "µs", 1),
+    ("stream_cpu_share", "stream", "  relay CPU / wall time (cores)", "x", 2),
     ("latency_p50", "latency", "created -> published p50", "ms", 1),
     ("latency_p99", "latency", "created -> published p99", "ms", 1),
     ("latency_max", "latency", "  max", "ms", 1),
@@ -57,6 +64,18 @@ ROWS: list[tuple[str, str, str, str, int]] = [
     ("memory_rate", "memory", "  drain rate incl. start-up", "ev/s", 0),
     ("restart_first", "restart", "launch -> first published", "s", 3),
     ("restart_lease", "restart", "launch -> 'acquired the lease'", "s", 3),
+    ("group_p1", "group", "1 relay, no partitions (today)", "ev/s", 0),
+    ("group_1", "group", "1 relay, --partitions {P}", "ev/s", 0),
+    ("group_2", "group", "2 relays, --partitions {P}", "ev/s", 0),
+    ("group_4", "group", "4 relays, --partitions {P}", "ev/s", 0),
+    ("group_ratio", "group", "  group of 1 vs today's relay", "x", 2),
+    ("group_busy_p1", "group", "  today, first publish -> done", "ev/s", 0),
+    ("group_busy_4", "group", "  4 relays, first publish -> done", "ev/s", 0),
+    ("group_first_p1", "group", "  today, launch -> first publish", "s", 2),
+    ("group_first_4", "group", "  4 relays, launch -> 1st publish", "s", 2),
+    ("group_cpu_p1", "group", "  today, CPU per event", "µs", 1),
+    ("group_cpu_1", "group", "  1 relay, CPU per event", "µs", 1),
+    ("group_cpu_4", "group", "  4 relays, CPU per event (sum)", "µs", 1),
 ]
 
 
@@ -112,6 +131,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--write-tx", type=int, help="transactions per variant (default 2000)")
     p.add_argument(
+        "--drain-relay",
+        choices=["thread", "process"],
+        default="thread",
+        help="drain scenario: Relay.run_once in this process (default; CPU is the process's "
+        "while it runs) or `mongo-outbox relay --once` as its own process (timed and its CPU "
+        "measured from 'acquired the lease' to its exit)",
+    )
+    p.add_argument(
+        "--group-n", type=int, help="backlog of each group scenario run (default 100000)"
+    )
+    p.add_argument(
+        "--group-partitions",
+        type=int,
+        default=4,
+        help="group scenario: --partitions of the relays (default 4)",
+    )
+    p.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
         help=f"comma-separated subset of: {','.join(SCENARIOS)}",
@@ -142,6 +178,9 @@ def make_config(args: argparse.Namespace) -> Config:
         latency_relay=str(args.latency_relay),
         stream_relay=str(args.stream_relay),
         stream_writers=max(1, int(args.stream_writers)),
+        drain_relay=str(args.drain_relay),
+        group_n=int(pick(args.group_n, 100_000, 10_000)),
+        group_partitions=max(1, int(args.group_partitions)),
         write_tx=int(pick(args.write_tx, 2_000, 200)),
         write_block=100 if not quick else 50,
         verify=not args.no_verify,
@@ -184,6 +223,7 @@ def warm_up(bench: Bench) -> None:
 def run_rounds(bench: Bench, cfg: Config, names: list[str]) -> dict[str, list[float]]:
     results: dict[str, list[float]] = {}
     for rnd in range(cfg.rounds):
+        this_round: dict[str, float] = {}
         for name in names:
             log(f"round {rnd + 1}/{cfg.rounds}: {name} ...")
             started = time.monotonic()
@@ -198,6 +238,11 @@ def run_rounds(bench: Bench, cfg: Config, names: list[str]) -> dict[str, list[fl
             log(f"  {name}: {shown} ({time.monotonic() - started:.1f} s)")
             for key, value in metrics.items():
                 results.setdefault(key, []).append(value)
+            this_round.update(metrics)
+        # Ratios of two scenarios are taken within a round (same machine state), then medianed.
+        if "drain" in this_round and this_round.get("broker"):
+            ratio = this_round["drain"] / this_round["broker"]
+            results.setdefault("drain_vs_broker", []).append(ratio)
     return results
 
 
@@ -229,7 +274,8 @@ def render(
         f"mongo-outbox benchmark: N={cfg.n:,} rounds={cfg.rounds} memory-n={cfg.memory_n:,} "
         f"restart-n={cfg.restart_n:,} latency={cfg.latency_rate:g} ev/s for "
         f"{cfg.latency_seconds:g} s (relay in a {cfg.latency_relay}), stream: relay in a "
-        f"{cfg.stream_relay}, {cfg.stream_writers} writer(s), "
+        f"{cfg.stream_relay}, {cfg.stream_writers} writer(s), drain: relay in a "
+        f"{cfg.drain_relay}, group-n={cfg.group_n:,}, "
         f"write={cfg.write_tx:,} tx/variant; wall {wall:.0f} s"
     )
     out.append("machine: " + " | ".join(f"{k} {v}" for k, v in machine))
@@ -242,6 +288,9 @@ def render(
         if scenario not in names:
             continue
         values = results.get(key, [])
+        if not values and scenario == "group" and key != "group_p1":
+            continue  # the partitioned runs need `relay --partitions` (see the notes)
+        label = label.replace("{P}", str(cfg.group_partitions))
         name = scenario if scenario != previous else ""
         previous = scenario
         med = statistics.median(values) if values else None
@@ -281,6 +330,9 @@ def render(
         "the 3 outbox_* attributes",
         "write floor: plain majority tx, 2 insert_one, 2nd into a collection with the outbox's "
         "(status, _id) index",
+        "relay CPU = user+system: drain in a thread: this process's while run_once runs; as a "
+        "process (and stream as a process): the relay process's; stream in a thread: this "
+        "process's less the writer threads' and the main thread's",
         "latency = published_at - created_at (both ms-truncated; created_at is set at emit, "
         "before commit)",
         *bench.notes,
