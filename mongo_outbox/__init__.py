@@ -1,7 +1,8 @@
 """mongo-outbox: the transactional outbox pattern for MongoDB, relayed to Google Cloud Pub/Sub.
 
 Write domain documents and events in one transaction with :func:`outbox_transaction`; run
-``mongo-outbox relay`` to publish the events at least once, in order per key.
+``mongo-outbox relay`` to publish the events at least once, in order per key; consume them
+with an :class:`Inbox` so each event's effect happens once.
 """
 
 from ._errors import (
@@ -16,6 +17,7 @@ from ._errors import (
     ValidationError,
 )
 from ._event import Message, encode_payload
+from ._inbox import Inbox
 from ._store import ensure_indexes
 from ._transaction import (
     AsyncOutboxTransaction,
@@ -33,6 +35,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectError",
     "InMemoryPublisher",
+    "Inbox",
     "LeaseLostError",
     "Message",
     "OutboxError",

@@ -6,7 +6,7 @@ import contextlib
 import datetime as _dt
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import bson
 import bson.errors
@@ -71,12 +71,19 @@ def ensure_indexes(
     collection: str = "outbox",
     *,
     partitions: int = 1,
+    retention: _dt.timedelta | float | Literal["off"] | None = None,
+    inbox: str = "inbox",
 ) -> None:
     """Create the outbox and relay state collections and the indexes the relay relies on.
 
     Idempotent. Collections are created up front because a transaction on an older server
     cannot create one. Takes a :class:`pymongo.MongoClient` with ``database`` or a Database.
     With ``partitions`` above 1 (a relay group), also the index of the partitions' sweeps.
+
+    ``retention`` (a :class:`~datetime.timedelta` or seconds) keeps a TTL index that deletes
+    published events that long after ``published_at`` (pending and dead events stay), and inbox
+    records that long after ``processed_at`` when the ``inbox`` collection exists; ``"off"``
+    removes both indexes; None (the default) leaves them as they are.
     """
     db = client if isinstance(client, Database) else client[_require(database)]
     for name in (collection, state_collection_name(collection)):
@@ -90,6 +97,13 @@ def ensure_indexes(
     db[collection].create_index([("status", ASCENDING), ("_id", ASCENDING)], name=PENDING_INDEX)
     if partitions > 1:
         ensure_slot_index(db[collection])
+    if retention is not None:
+        from ._retention import set_retention
+
+        ttl = None if retention == "off" else retention
+        set_retention(db[collection], "published_at", ttl)
+        if inbox in db.list_collection_names(filter={"name": inbox}):
+            set_retention(db[inbox], "processed_at", ttl)
 
 
 def ensure_slot_index(outbox: Collection[Any]) -> None:

@@ -15,6 +15,7 @@ EXPECTED_ALL = [
     "ConfigurationError",
     "ConnectError",
     "InMemoryPublisher",
+    "Inbox",
     "LeaseLostError",
     "Message",
     "OutboxError",

@@ -10,8 +10,10 @@ from __future__ import annotations
 from ._emulator import PubSubEmulator, find_pubsub_emulator
 from ._errors import ServiceStartError, ServiceUnavailable
 from ._mongod import MongoReplicaSet, find_mongod
+from ._pubsub import EmulatorSubscription
 
 __all__ = [
+    "EmulatorSubscription",
     "MongoReplicaSet",
     "PubSubEmulator",
     "ServiceStartError",

@@ -19,6 +19,7 @@ from pymongo import MongoClient
 from ._emulator import PubSubEmulator
 from ._errors import ServiceUnavailable
 from ._mongod import MongoReplicaSet
+from ._pubsub import EmulatorSubscription
 
 __all__ = [
     "REQUIRE_SERVICES_ENV",
@@ -29,6 +30,7 @@ __all__ = [
     "pubsub_emulator",
     "pubsub_emulator_host",
     "pubsub_project",
+    "pubsub_subscription",
     "require_services",
     "unavailable",
 ]
@@ -166,3 +168,17 @@ def pubsub_emulator(_mongo_outbox_pubsub_emulator: PubSubEmulator | None) -> Pub
 def pubsub_project() -> str:
     """A unique project id (the emulator accepts any)."""
     return f"test-proj-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def pubsub_subscription(
+    pubsub_emulator_host: str, pubsub_project: str
+) -> Iterator[EmulatorSubscription]:
+    """A fresh topic with an ordered subscription on the emulator (an
+    :class:`EmulatorSubscription`: ``path``, ``topic``, ``publish()``, ``deliver_twice()``),
+    deleted after the test."""
+    subscription = EmulatorSubscription(pubsub_project)
+    try:
+        yield subscription
+    finally:
+        subscription.close()

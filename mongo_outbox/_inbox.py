@@ -1,0 +1,273 @@
+"""The consuming side: an inbox that makes each event's effect happen once.
+
+For every message, one transaction inserts an inbox record keyed by the consumer and the
+event id, runs the handler with a transaction object like ``outbox_transaction``'s (so it can
+write and emit in the same transaction) and commits. A duplicate finds the record and runs
+nothing. The message is acknowledged only after the commit: a crash before the ack redelivers
+a message whose record is already committed, and it is acked as a duplicate.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import inspect
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from pymongo import MongoClient
+from pymongo.errors import CollectionInvalid, DuplicateKeyError, OperationFailure
+from pymongo.write_concern import WriteConcern
+
+from ._errors import ConfigurationError
+from ._event import ATTR_EVENT_ID, ATTR_EVENT_TYPE, utcnow
+from ._transaction import (
+    OutboxTransaction,
+    _database_name,
+    _is_async_client,
+    run_in_outbox_transaction,
+)
+
+__all__ = ["Inbox", "InboxMessage", "inbox_id"]
+
+log = logging.getLogger("mongo_outbox.inbox")
+
+
+class InboxMessage(Protocol):
+    """What the inbox reads of a message: google-cloud-pubsub's subscriber ``Message`` has it."""
+
+    @property
+    def message_id(self) -> str: ...
+
+    @property
+    def attributes(self) -> Mapping[str, str]: ...
+
+
+def inbox_id(consumer: str, message: InboxMessage) -> dict[str, str]:
+    """The ``_id`` of a message's inbox record: the consumer and the event id.
+
+    The event id is the ``outbox_event_id`` attribute; a message published by something else
+    falls back to its Pub/Sub message id, which is weaker: a message published again gets a
+    new one, so only the broker's redeliveries are recognised.
+    """
+    event_id = message.attributes.get(ATTR_EVENT_ID) or f"message:{message.message_id}"
+    return {"consumer": consumer, "event_id": event_id}
+
+
+class _Duplicate(Exception):
+    """The inbox record exists: the message's effect has already been committed."""
+
+
+class Inbox:
+    """Effectively-once processing of messages for ``consumer``, recorded in
+    ``<database>.<collection>``.
+
+    ``client`` is a :class:`pymongo.MongoClient` (or an ``AsyncMongoClient`` / Motor client, for
+    which :meth:`process` returns an awaitable and the handler may be a coroutine function).
+    Events the handler emits go to ``<database>.<outbox>``, for a relay to publish.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        database: str | None = None,
+        consumer: str,
+        collection: str = "inbox",
+        outbox: str = "outbox",
+        write_concern: WriteConcern | None = None,
+    ) -> None:
+        if not isinstance(consumer, str) or not consumer:
+            raise ConfigurationError("consumer must be a non-empty string naming this consumer")
+        self._async = _is_async_client(client)
+        self.client = client
+        self.database = _database_name(client, database)
+        self.consumer = consumer
+        self.collection = collection
+        self.outbox = outbox
+        self._write_concern = write_concern
+        # Between the commit and the ack: a fault test kills the process here.
+        self._after_commit: Callable[[Any], None] = lambda message: None
+
+    def _record(self, message: InboxMessage) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "_id": inbox_id(self.consumer, message),
+            "processed_at": utcnow(),
+            "message_id": message.message_id,
+        }
+        event_type = message.attributes.get(ATTR_EVENT_TYPE)
+        if event_type is not None:
+            record["type"] = event_type
+        return record
+
+    def process(
+        self, message: InboxMessage, handler: Callable[[Any, Any], Any]
+    ) -> bool | Awaitable[bool]:
+        """Run ``handler(tx, message)`` once per event, in one transaction with its record.
+
+        Returns True when the handler ran and its transaction committed, False when the message
+        is a duplicate (nothing ran). ``tx`` offers ``session`` and ``emit`` exactly like
+        :func:`~mongo_outbox.outbox_transaction`'s. Transient transaction errors re-run the
+        transaction (so the handler must do nothing outside it that cannot be repeated); the
+        handler's own exception aborts everything and propagates.
+        """
+        if self._async:
+            return self._process_async(message, handler)
+        records = self.client[self.database][self.collection]
+        record = self._record(message)
+
+        def body(tx: OutboxTransaction) -> bool:
+            try:
+                records.insert_one(record, session=tx.session)
+            except DuplicateKeyError:
+                raise _Duplicate from None
+            handler(tx, message)
+            return True
+
+        try:
+            ran: bool = run_in_outbox_transaction(
+                self.client,
+                body,
+                database=self.database,
+                collection=self.outbox,
+                write_concern=self._write_concern,
+            )
+            return ran
+        except _Duplicate:
+            return False
+
+    async def _process_async(
+        self, message: InboxMessage, handler: Callable[[Any, Any], Any]
+    ) -> bool:
+        records = self.client[self.database][self.collection]
+        record = self._record(message)
+
+        async def body(tx: Any) -> bool:
+            try:
+                await records.insert_one(record, session=tx.session)
+            except DuplicateKeyError:
+                raise _Duplicate from None
+            result = handler(tx, message)
+            if inspect.isawaitable(result):
+                await result
+            return True
+
+        try:
+            ran: bool = await run_in_outbox_transaction(
+                self.client,
+                body,
+                database=self.database,
+                collection=self.outbox,
+                write_concern=self._write_concern,
+            )
+            return ran
+        except _Duplicate:
+            return False
+
+    def subscribe(
+        self,
+        subscription: str,
+        handler: Callable[[OutboxTransaction, Any], Any],
+        *,
+        max_messages: int = 100,
+        max_bytes: int = 100 * 1024 * 1024,
+        stop: threading.Event | None = None,
+        subscriber: Any = None,
+        flow_control: Any = None,
+    ) -> None:
+        """Process the messages of ``subscription`` (``projects/<p>/subscriptions/<s>``) until
+        ``stop`` is set, then finish the messages in hand, close and return.
+
+        A streaming pull with flow control (at most ``max_messages`` messages and ``max_bytes``
+        bytes outstanding). Each message is acked after its transaction committed, and so is a
+        duplicate; a handler error nacks it (Pub/Sub redelivers it). On an ordered
+        subscription the messages of one key are handled one at a time, in order.
+        ``subscriber`` is a ``google.cloud.pubsub_v1.SubscriberClient`` to use (default: a new
+        one, closed on return); ``flow_control`` a ``google.cloud.pubsub_v1.types.FlowControl``
+        that replaces ``max_messages`` and ``max_bytes`` (its ``max_duration_per_lease_extension``
+        also bounds how long a crashed consumer's messages wait before they are redelivered:
+        60 s by default). Raises what ends the stream (a subscription that does not
+        exist, for one).
+        """
+        if self._async:
+            raise ConfigurationError(
+                "Inbox.subscribe needs a pymongo.MongoClient: google-cloud-pubsub's subscriber "
+                "calls handlers in threads. With an async client, await inbox.process(message, "
+                "handler) from your own subscriber."
+            )
+        from google.cloud import pubsub_v1
+
+        stop = stop or threading.Event()
+        own = subscriber is None
+        client = pubsub_v1.SubscriberClient() if own else subscriber
+        flow = flow_control or pubsub_v1.types.FlowControl(
+            max_messages=max_messages, max_bytes=max_bytes
+        )
+        future = client.subscribe(
+            subscription,
+            self._callback(handler),
+            flow_control=flow,
+            await_callbacks_on_shutdown=True,
+        )
+        try:
+            while not stop.wait(0.2) and not future.done():
+                pass
+        finally:
+            future.cancel()  # stops pulling; waits for the callbacks running
+            try:
+                future.result(timeout=60)
+            except Exception as exc:
+                if not stop.is_set() or not _is_cancellation(exc):
+                    raise
+            finally:
+                if own:
+                    client.close()
+
+    def _callback(self, handler: Callable[[OutboxTransaction, Any], Any]) -> Callable[[Any], None]:
+        def callback(message: Any) -> None:
+            event = message.attributes.get(ATTR_EVENT_ID) or message.message_id
+            try:
+                ran = self.process(message, handler)
+            except Exception:
+                log.exception(
+                    "handler failed on event %s; nacked, Pub/Sub will redeliver it",
+                    event,
+                    extra={"event_id": event},
+                )
+                message.nack()
+                return
+            if ran:
+                self._after_commit(message)
+            else:
+                log.debug("event %s already processed; acked", event)
+            message.ack()
+
+        return callback
+
+    def ensure_collection(self, retention: _dt.timedelta | float | None = None) -> None:
+        """Create the inbox collection (idempotent), and with ``retention`` a TTL index that
+        deletes records that old (see :func:`~mongo_outbox.ensure_indexes`)."""
+        if self._async:
+            raise ConfigurationError(
+                "ensure_collection needs a pymongo.MongoClient (run it once at deployment)"
+            )
+        sync: MongoClient[Any] = self.client
+        db = sync[self.database]
+        try:
+            db.create_collection(self.collection)
+        except CollectionInvalid:
+            pass
+        except OperationFailure as exc:
+            if exc.code != 48:  # NamespaceExists
+                raise
+        if retention is not None:
+            from ._retention import set_retention
+
+            set_retention(db[self.collection], "processed_at", retention)
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    from concurrent.futures import CancelledError
+
+    return isinstance(exc, CancelledError)
