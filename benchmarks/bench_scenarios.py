@@ -758,6 +758,106 @@ def group(bench: Bench, cfg: Config, rnd: int) -> Metrics:
     return metrics
 
 
+# -- consume -------------------------------------------------------------------------------
+
+
+def _publish_for_consumers(topic: str, count: int) -> None:
+    publisher = naive_relay.make_publisher()
+    path = publisher.topic_path(PROJECT, topic)
+    try:
+        futures = [
+            publisher.publish(
+                path, payload_bytes(i), ordering_key=key_of(i), outbox_event_id=str(ObjectId())
+            )
+            for i in range(count)
+        ]
+        for future in futures:
+            future.result(timeout=300)
+    finally:
+        publisher.stop()
+
+
+def _consume(bench: Bench, db: str, sub_path: str, count: int, inbox: bool) -> tuple[float, float]:
+    """Seconds and process CPU seconds until ``count`` effects are in ``db``, consuming
+    ``sub_path`` with an inbox or with a plain subscriber doing the same insert."""
+    from google.cloud import pubsub_v1
+
+    from mongo_outbox import Inbox
+
+    client = bench.mongo_client
+    effects = client[db].effects
+    flow = pubsub_v1.types.FlowControl(max_messages=100)
+    stop = threading.Event()
+    subscriber = pubsub_v1.SubscriberClient()
+    cpu0, started = time.process_time(), time.perf_counter()
+    if inbox:
+        box = Inbox(client, database=db, consumer="bench")
+
+        def handle(tx: Any, message: Any) -> None:
+            effects.insert_one({"event": message.attributes["outbox_event_id"]}, session=tx.session)
+
+        runner = threading.Thread(
+            target=box.subscribe,
+            args=(sub_path, handle),
+            kwargs={"stop": stop, "flow_control": flow, "subscriber": subscriber},
+        )
+        runner.start()
+    else:
+
+        def callback(message: Any) -> None:
+            effects.insert_one({"event": message.attributes["outbox_event_id"]})
+            message.ack()
+
+        future = subscriber.subscribe(sub_path, callback, flow_control=flow)
+    try:
+        wait_until(lambda: effects.estimated_document_count() >= count, timeout=600, interval=0.05)
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu0
+    finally:
+        if inbox:
+            stop.set()
+            runner.join(60)
+        else:
+            future.cancel()
+            with contextlib.suppress(Exception):
+                future.result(timeout=30)
+        subscriber.close()
+    if effects.count_documents({}) != count:
+        raise BenchError(f"consume: {effects.count_documents({})} effects, expected {count}")
+    return elapsed, cpu
+
+
+def consume(bench: Bench, cfg: Config, rnd: int) -> Metrics:
+    """Messages/s through ``Inbox.subscribe`` with a one-insert handler, against a plain
+    subscriber doing the same insert without the inbox: the cost of exactly-once."""
+    count = max(1000, cfg.n // 4)
+    metrics: Metrics = {}
+    with bench.topic("consume") as (topic, sub):
+        second = sub.path + "-2"
+        assert bench.subscriber is not None
+        assert bench.publisher_admin is not None
+        bench.subscriber.create_subscription(
+            request={
+                "name": second,
+                "topic": bench.publisher_admin.topic_path(PROJECT, topic),
+                "enable_message_ordering": True,
+            }
+        )
+        try:
+            _publish_for_consumers(topic, count)
+            paths = {"inbox": sub.path, "plain": second}
+            # Alternate which goes first, so neither always meets a warmer server.
+            for name in ("inbox", "plain") if rnd % 2 == 0 else ("plain", "inbox"):
+                with bench.database(f"consume_{name}") as target:
+                    elapsed, cpu = _consume(bench, target, paths[name], count, name == "inbox")
+                metrics[f"consume_{name}"] = count / elapsed
+                metrics[f"consume_cpu_{name}"] = cpu / count * US
+        finally:
+            with contextlib.suppress(Exception):
+                bench.subscriber.delete_subscription(subscription=second)
+    metrics["consume_ratio"] = metrics["consume_plain"] / metrics["consume_inbox"]
+    return metrics
+
+
 SCENARIOS: dict[str, Callable[[Bench, Config, int], Metrics]] = {
     "raw": raw,
     "broker": broker,
@@ -769,4 +869,5 @@ SCENARIOS: dict[str, Callable[[Bench, Config, int], Metrics]] = {
     "memory": memory,
     "restart": restart,
     "group": group,
+    "consume": consume,
 }

@@ -76,6 +76,11 @@ ROWS: list[tuple[str, str, str, str, int]] = [
     ("group_cpu_p1", "group", "  today, CPU per event", "µs", 1),
     ("group_cpu_1", "group", "  1 relay, CPU per event", "µs", 1),
     ("group_cpu_4", "group", "  4 relays, CPU per event (sum)", "µs", 1),
+    ("consume_inbox", "consume", "Inbox.subscribe, 1-insert handler", "msg/s", 0),
+    ("consume_plain", "consume", "plain subscriber, same insert", "msg/s", 0),
+    ("consume_ratio", "consume", "  inbox / plain, time per message", "x", 2),
+    ("consume_cpu_inbox", "consume", "  inbox, CPU per message", "µs", 1),
+    ("consume_cpu_plain", "consume", "  plain, CPU per message", "µs", 1),
 ]
 
 
