@@ -14,6 +14,7 @@ import inspect
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pymongo import MongoClient
@@ -29,7 +30,7 @@ from ._transaction import (
     run_in_outbox_transaction,
 )
 
-__all__ = ["Inbox", "InboxMessage", "inbox_id"]
+__all__ = ["Inbox", "InboxMessage", "InboxStats", "inbox_id"]
 
 log = logging.getLogger("mongo_outbox.inbox")
 
@@ -53,6 +54,18 @@ def inbox_id(consumer: str, message: InboxMessage) -> dict[str, str]:
     """
     event_id = message.attributes.get(ATTR_EVENT_ID) or f"message:{message.message_id}"
     return {"consumer": consumer, "event_id": event_id}
+
+
+@dataclass
+class InboxStats:
+    """Messages an :class:`Inbox` has seen since it was made."""
+
+    #: Handlers that ran and committed.
+    processed: int = 0
+    #: Messages whose event had already been processed (nothing ran).
+    duplicates: int = 0
+    #: Handlers that raised (their transaction aborted).
+    failed: int = 0
 
 
 class _Duplicate(Exception):
@@ -87,8 +100,14 @@ class Inbox:
         self.collection = collection
         self.outbox = outbox
         self._write_concern = write_concern
+        self.stats = InboxStats()
+        self._stats_lock = threading.Lock()
         # Between the commit and the ack: a fault test kills the process here.
         self._after_commit: Callable[[Any], None] = lambda message: None
+
+    def _count(self, outcome: str) -> None:
+        with self._stats_lock:  # handlers run in several threads
+            setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
 
     def _record(self, message: InboxMessage) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -126,16 +145,21 @@ class Inbox:
             return True
 
         try:
-            ran: bool = run_in_outbox_transaction(
+            run_in_outbox_transaction(
                 self.client,
                 body,
                 database=self.database,
                 collection=self.outbox,
                 write_concern=self._write_concern,
             )
-            return ran
         except _Duplicate:
+            self._count("duplicates")
             return False
+        except BaseException:
+            self._count("failed")
+            raise
+        self._count("processed")
+        return True
 
     async def _process_async(
         self, message: InboxMessage, handler: Callable[[Any, Any], Any]
@@ -154,16 +178,21 @@ class Inbox:
             return True
 
         try:
-            ran: bool = await run_in_outbox_transaction(
+            await run_in_outbox_transaction(
                 self.client,
                 body,
                 database=self.database,
                 collection=self.outbox,
                 write_concern=self._write_concern,
             )
-            return ran
         except _Duplicate:
+            self._count("duplicates")
             return False
+        except BaseException:
+            self._count("failed")
+            raise
+        self._count("processed")
+        return True
 
     def subscribe(
         self,

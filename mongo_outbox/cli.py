@@ -19,7 +19,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 from urllib.parse import unquote, urlsplit
 
 from bson import ObjectId
@@ -34,6 +34,7 @@ from ._errors import REPLICA_SET_FIX, ConfigurationError, ConnectError, LeaseLos
 from ._event import age_of, format_timestamp
 from ._logging import LOG_FORMATS, cli_logging, redact
 from ._oplog import headroom, read_oplog_window, token_time
+from ._retention import parse_duration, retention_of
 from ._store import OutboxStore, ensure_indexes
 
 __all__ = ["main", "parse_args"]
@@ -316,6 +317,19 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_mongo_flags(init)
     init.add_argument(
+        "--retention",
+        default=_env("--retention"),
+        metavar="DURATION",
+        help="keep a TTL index deleting published events (and inbox records, when the inbox "
+        "collection exists) this long after publication (processing): 7d, 36h, 90m... or off "
+        "to remove it (env MONGO_OUTBOX_RETENTION)",
+    )
+    init.add_argument(
+        "--inbox-collection",
+        default=_env("--inbox-collection") or "inbox",
+        help="the inbox collection --retention applies to (default inbox)",
+    )
+    init.add_argument(
         "--partitions",
         type=_number(int, "--partitions"),
         default=_env("--partitions") or "1",
@@ -474,13 +488,43 @@ def _connect(args: argparse.Namespace, *, need_database: bool = True) -> MongoCl
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
+    retention: float | Literal["off"] | None = None
+    if args.retention is not None:
+        try:
+            retention = "off" if args.retention.strip() == "off" else parse_duration(args.retention)
+        except ValueError as exc:
+            raise _Exit(EXIT_CONFIG, f"--retention: {exc}") from exc
     client = _connect(args)
     try:
-        ensure_indexes(client, args.database, args.collection, partitions=args.partitions)
+        ensure_indexes(
+            client,
+            args.database,
+            args.collection,
+            partitions=args.partitions,
+            retention=retention,
+            inbox=args.inbox_collection,
+        )
     finally:
         client.close()
     print(f"outbox {args.database}.{args.collection} ready (collections and indexes)")
+    if retention is not None:
+        print(
+            "retention off"
+            if retention == "off"
+            else f"retention {_duration(retention)}: "
+            "published events (and inbox records) older than that are deleted by MongoDB"
+        )
     return EXIT_OK
+
+
+def _duration(seconds: float | None) -> str:
+    """``7d``, ``36h``, ``90m`` or ``45s``: the largest unit that divides ``seconds``."""
+    if seconds is None:
+        return "none"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -495,6 +539,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         relays = admin.active_relays()
         group = admin.group(args.name)
         window = read_oplog_window(client)
+        db = client[args.database]
+        retention = {"outbox": retention_of(admin.outbox, "published_at")}
+        if db.list_collection_names(filter={"name": "inbox"}):
+            retention["inbox"] = retention_of(db["inbox"], "processed_at")
     finally:
         client.close()
     room = headroom(state.get("resume_token"), window)
@@ -536,6 +584,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         "relays": [_relay_report(r) for r in relays],
         "live_relays": [r.name for r in live],
         "group": None if group is None else _group_report(group),
+        "retention_s": retention,
         "warnings": warnings,
     }
     problems = _check_problems(report, args.max_lag) if args.check else []
@@ -568,6 +617,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"oplog window      {fmt_age(window.seconds)}, checkpoint headroom {fmt_age(room)}"
             + ("  (low: under a quarter of the window)" if low else "")
         )
+    print(
+        "retention         "
+        + ", ".join(f"{name} {_duration(value)}" for name, value in retention.items())
+    )
     print(f"lease owner       {report['lease_owner'] or '-'}")
     holders = ", ".join(
         f"{r.name} (relay group)"

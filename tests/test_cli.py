@@ -26,6 +26,7 @@ from pymongo.errors import PyMongoError
 
 from mongo_outbox import ConfigurationError, ConnectError, cli
 from mongo_outbox import _event as ev
+from mongo_outbox._retention import INBOX_TTL_INDEX, OUTBOX_TTL_INDEX
 from mongo_outbox._store import PENDING_INDEX, SLOT_INDEX, OutboxStore, state_collection_name
 from mongo_outbox.cli import main, parse_args
 from mongo_outbox.relay._lease import Lease
@@ -598,6 +599,35 @@ def test_init_with_partitions_creates_the_index_of_their_sweeps(
     assert _exit_code(["init", *base, "--partitions", "4"], capsys)[0] == 0
     index = mongo_client[outbox_database].outbox.index_information()[SLOT_INDEX]
     assert index["key"] == [("status", 1), ("slot", 1), ("_id", 1)]
+
+
+def test_init_retention_keeps_changes_and_removes_the_ttl_indexes(
+    mongodb_uri, outbox_database, mongo_client, capsys
+):
+    base = ["--mongo-uri", mongodb_uri, "--database", outbox_database]
+    db = mongo_client[outbox_database]
+    db.create_collection("inbox")
+    code, out, err = _exit_code(["init", *base, "--retention", "7d"], capsys)
+    assert code == 0, err
+    assert "retention 7d" in out
+    assert db.outbox.index_information()[OUTBOX_TTL_INDEX]["expireAfterSeconds"] == 604800
+    assert db.inbox.index_information()[INBOX_TTL_INDEX]["expireAfterSeconds"] == 604800
+    assert _exit_code(["init", *base, "--retention", "36h"], capsys)[0] == 0
+    assert db.outbox.index_information()[OUTBOX_TTL_INDEX]["expireAfterSeconds"] == 129600
+    code, out, _ = _exit_code(["status", *base], capsys)
+    assert re.search(r"^retention\s+outbox 36h, inbox 36h$", out, re.MULTILINE), out
+    assert _exit_code(["init", *base, "--retention", "off"], capsys)[0] == 0
+    assert OUTBOX_TTL_INDEX not in db.outbox.index_information()
+    assert INBOX_TTL_INDEX not in db.inbox.index_information()
+    code, out, _ = _exit_code(["status", *base], capsys)
+    assert re.search(r"^retention\s+outbox none, inbox none$", out, re.MULTILINE), out
+
+
+def test_init_with_a_bad_retention_exits_2_before_connecting(capsys):
+    argv = ["init", "--mongo-uri", "mongodb://127.0.0.1:1", "--database", "d"]
+    code, _, err = _exit_code([*argv, "--retention", "a week"], capsys)
+    assert code == 2
+    assert "--retention: 'a week' is not a duration" in _one_error_line(err)
 
 
 def test_init_is_idempotent_as_a_process(mongodb_uri, outbox_database, mongo_client):

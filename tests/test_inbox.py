@@ -64,6 +64,7 @@ def test_process_runs_the_handler_once_per_event(client, db_name, inbox):
     assert record["_id"] == {"consumer": "billing", "event_id": "65f000000000000000000001"}
     assert isinstance(record["processed_at"], dt.datetime)
     assert record["message_id"] == "m1"
+    assert (inbox.stats.processed, inbox.stats.duplicates, inbox.stats.failed) == (1, 1, 0)
 
 
 def test_another_consumer_processes_the_same_event_too(client, db_name, inbox):
@@ -100,6 +101,7 @@ def test_a_handler_error_commits_nothing_and_a_later_success_commits_once(client
     assert client[db_name].inbox.count_documents({}) == 0
     assert inbox.process(_message(), handle) is True
     assert inbox.process(_message(), handle) is False
+    assert (inbox.stats.processed, inbox.stats.duplicates, inbox.stats.failed) == (1, 1, 1)
     assert [e["n"] for e in _effects(client, db_name)] == [2]
     event = client[db_name].outbox.find_one()
     assert (event["type"], event["topic"], event["key"], event["status"]) == (

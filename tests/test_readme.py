@@ -36,7 +36,7 @@ def test_the_first_sample_is_marked_runnable():
     assert blocks[0] == first.group(1)
 
 
-def test_readme_samples_run(mongodb_uri, outbox_database, mongo_client):
+def test_readme_samples_run(mongodb_uri, outbox_database, mongo_client, pubsub_subscription):
     blocks = runnable_blocks(README.read_text())
     assert SAMPLE_URI in blocks[0]
     namespace: dict[str, object] = {"__name__": "readme"}
@@ -58,7 +58,11 @@ def test_readme_samples_run(mongodb_uri, outbox_database, mongo_client):
 
     # Sample tests (the test kit's) run with the fixtures they name, on a database of their own.
     kit_database = f"{outbox_database}_kit"
-    fixtures = {"mongo_client": mongo_client, "outbox_database": kit_database}
+    fixtures = {
+        "mongo_client": mongo_client,
+        "outbox_database": kit_database,
+        "pubsub_subscription": pubsub_subscription,
+    }
     tests = [f for name, f in namespace.items() if name.startswith("test_") and callable(f)]
     assert tests
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ._emulator import PubSubEmulator, find_pubsub_emulator
 from ._errors import ServiceStartError, ServiceUnavailable
 from ._mongod import MongoReplicaSet, find_mongod
-from ._pubsub import EmulatorSubscription
+from ._pubsub import EmulatorSubscription, subscribe_until
 
 __all__ = [
     "EmulatorSubscription",
@@ -20,4 +20,5 @@ __all__ = [
     "ServiceUnavailable",
     "find_mongod",
     "find_pubsub_emulator",
+    "subscribe_until",
 ]

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
 
 from .._event import ATTR_EVENT_ID, ATTR_EVENT_TYPE
 
-__all__ = ["EmulatorSubscription"]
+if TYPE_CHECKING:
+    from .._inbox import Inbox
+
+__all__ = ["EmulatorSubscription", "subscribe_until"]
 
 
 class EmulatorSubscription:
@@ -77,3 +82,41 @@ class EmulatorSubscription:
         finally:
             self.subscriber.close()
             self.publisher.stop()
+
+
+def subscribe_until(
+    inbox: Inbox,
+    subscription: str,
+    handler: Callable[[Any, Any], Any],
+    until: Callable[[], bool],
+    *,
+    timeout: float = 30.0,
+    **options: Any,
+) -> None:
+    """Run ``inbox.subscribe(subscription, handler)`` until ``until()`` is true, then stop it
+    (it finishes the messages in hand); raise AssertionError after ``timeout`` seconds, or
+    what ended the subscriber."""
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            inbox.subscribe(subscription, handler, stop=stop, **options)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="outbox-test-subscriber", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while not until():
+            if failure:
+                raise failure[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met within {timeout}s of subscribing")
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(60)
+    if failure:
+        raise failure[0]
