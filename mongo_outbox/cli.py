@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import json
 import logging
 import os
@@ -890,6 +891,7 @@ def _cmd_relay(args: argparse.Namespace) -> int:
                     EXIT_CONFIG, f"cannot serve HTTP on {args.http_host}:{args.http_port}: {exc}"
                 ) from exc
         if args.once:
+            gc.freeze()
             try:
                 count = relay.run_once()
             except LeaseLostError as exc:
@@ -897,6 +899,9 @@ def _cmd_relay(args: argparse.Namespace) -> int:
                 return EXIT_OK
             log.info("published %d events", count)
             return EXIT_OK
+        # Everything made so far lives as long as the process: keep the collector off it
+        # (its passes over these objects cost about 2 us per event).
+        gc.freeze()
         stop = threading.Event()
         _install_signal_handlers(stop)
         log.info(

@@ -39,7 +39,7 @@ from mongo_outbox.relay._backoff import Backoff
 from mongo_outbox.relay._budget import BudgetQueue
 from mongo_outbox.relay._checkpoint import Checkpoint
 from mongo_outbox.relay._config import RelayConfig
-from mongo_outbox.relay._decode import Event, Poison, decode_document, to_event
+from mongo_outbox.relay._decode import Event, Poison, decode_batch, decode_document, to_event
 from mongo_outbox.relay._dedup import StreamSweepDedup
 from mongo_outbox.relay._dispatch import Dispatcher
 from mongo_outbox.relay._gate import KeyGate, TopicBreaker
@@ -1198,3 +1198,26 @@ def test_dispatch_does_not_count_unsent_messages_against_their_topic(kit):
     assert not k.dispatcher.breaker.allows("a")  # really failed: isolated at once
     assert k.dispatcher.breaker.allows("b")  # only not sent: retried, and then published
     assert handled == {b.message.event_id}
+
+
+def test_poison_under_hold_holds_its_key_for_the_rest_of_its_batch(kit):
+    k = kit(config=dataclasses.replace(CONFIG, dead_key_policy="hold"))
+    before = ev("t", "other")
+    poison = Poison(ObjectId(), 0, "bad", 10, slot=message_slot(ev("t", "k").message))
+    after = ev("t", "k")
+    k.dispatcher.dispatch([before, poison, after])
+    k.dispatcher.flush()
+    assert _sent(k.publisher) == [before.message.event_id]
+    assert len(k.dispatcher.gate) == 1
+
+
+def test_decode_batch_decodes_all_at_once_or_names_the_poison():
+    good = [RawBSONDocument(bson.encode(build_document("T", b"x", key=f"k{i}"))) for i in range(3)]
+    docs = decode_batch(good)
+    assert [d["key"] for d in docs] == ["k0", "k1", "k2"]
+    bad = invalid_utf8(build_document("T", b"x", key="PLACEHOLDER"))
+    mixed = decode_batch([good[0], bad, good[1]])
+    assert isinstance(mixed[0], dict)
+    assert isinstance(mixed[2], dict)
+    assert isinstance(mixed[1], Poison)
+    assert "cannot decode" in mixed[1].reason

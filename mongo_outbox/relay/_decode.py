@@ -21,7 +21,7 @@ from .._errors import PoisonEventError
 from .._event import Message, attempts_of, message_from_document, utc_second
 from ._slots import slot_of
 
-__all__ = ["Event", "Poison", "decode_document", "event_from_raw", "to_event"]
+__all__ = ["Event", "Poison", "decode_batch", "decode_document", "event_from_raw", "to_event"]
 
 _STRICT: CodecOptions[dict[str, Any]] = CodecOptions(
     tz_aware=True, datetime_conversion=DatetimeConversion.DATETIME_AUTO
@@ -77,6 +77,19 @@ def decode_document(
         return Poison(
             doc.get("_id"), attempts_of(doc), reason, len(data), slot_of(doc, default_topic)
         )
+
+
+def decode_batch(
+    raws: list[RawBSONDocument], default_topic: str | None = None
+) -> list[dict[str, Any] | Poison]:
+    """Decode raw outbox documents in one call; one by one (poison named) if any fails."""
+    try:
+        docs: list[dict[str, Any] | Poison] = list(
+            bson.decode_all(b"".join([raw.raw for raw in raws]), _STRICT)
+        )
+    except Exception:
+        return [decode_document(raw, default_topic) for raw in raws]
+    return docs
 
 
 def to_event(

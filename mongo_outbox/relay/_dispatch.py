@@ -93,6 +93,8 @@ class Dispatcher:
         poison: list[Failure] = []
         ready: list[Event] = []
         hold_dead = self._config.dead_key_policy == "hold"
+        # The common case: nothing held, no topic isolated, so no slot needs working out.
+        clear = not self.gate and self.breaker.clear()
         for record in records:
             if isinstance(record, Poison):
                 if record.event_id is None:
@@ -106,12 +108,16 @@ class Dispatcher:
                 handled.add(record.event_id)
                 if hold_dead and record.slot is not None:
                     self.gate.hold([record.slot])  # its later events wait until it is requeued
+                    clear = False
                 log.error(
                     "outbox document %r set aside as dead: %s",
                     record.event_id,
                     record.reason,
                     extra={"event_id": record.event_id},
                 )
+                continue
+            if clear:
+                ready.append(record)
                 continue
             slot = message_slot(record.message)
             if not self.gate.admits(slot):

@@ -62,6 +62,11 @@ class TopicBreaker:
         self._isolated_until: dict[str, float] = {}
         self._trips: dict[str, int] = {}
 
+    def clear(self) -> bool:
+        """True when no topic is (or was, without a success since) isolated: every topic
+        is allowed."""
+        return not self._isolated_until
+
     def allows(self, topic: str | None) -> bool:
         """True unless ``topic`` is isolated now."""
         until = self._isolated_until.get(topic or "")

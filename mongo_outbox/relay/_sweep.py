@@ -22,7 +22,7 @@ from .._event import utcnow
 from .._partition import Partition
 from .._store import OutboxStore, sweep_position
 from ._config import RelayConfig
-from ._decode import Event, Poison, decode_document, to_event
+from ._decode import Event, Poison, decode_batch, to_event
 from ._dispatch import Dispatcher
 from ._ordering import SweepFilter, slot_of
 from ._pipelining import prefetch
@@ -85,10 +85,11 @@ class Sweeper:
                     ),
                     depth=2,
                 ):
-                    for raw in raws:
+                    for raw, doc in zip(
+                        raws, decode_batch(raws, config.default_topic), strict=True
+                    ):
                         if stop.is_set():
                             break
-                        doc = decode_document(raw, config.default_topic)
                         if isinstance(doc, Poison):
                             # A partition's position needs the slot too: a resume there reads
                             # this document again (it is set dead again, harmlessly).
