@@ -13,7 +13,8 @@ import datetime as _dt
 import inspect
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -66,6 +67,11 @@ class InboxStats:
     duplicates: int = 0
     #: Handlers that raised (their transaction aborted).
     failed: int = 0
+
+
+@dataclass
+class _Outcome:
+    ran: bool = True
 
 
 class _Duplicate(Exception):
@@ -144,7 +150,7 @@ class Inbox:
             handler(tx, message)
             return True
 
-        try:
+        with self._outcome() as outcome:
             run_in_outbox_transaction(
                 self.client,
                 body,
@@ -152,14 +158,7 @@ class Inbox:
                 collection=self.outbox,
                 write_concern=self._write_concern,
             )
-        except _Duplicate:
-            self._count("duplicates")
-            return False
-        except BaseException:
-            self._count("failed")
-            raise
-        self._count("processed")
-        return True
+        return outcome.ran
 
     async def _process_async(
         self, message: InboxMessage, handler: Callable[[Any, Any], Any]
@@ -177,7 +176,7 @@ class Inbox:
                 await result
             return True
 
-        try:
+        with self._outcome() as outcome:
             await run_in_outbox_transaction(
                 self.client,
                 body,
@@ -185,14 +184,22 @@ class Inbox:
                 collection=self.outbox,
                 write_concern=self._write_concern,
             )
+        return outcome.ran
+
+    @contextmanager
+    def _outcome(self) -> Iterator[_Outcome]:
+        """Count how a message's transaction ended; a duplicate ends it without error."""
+        outcome = _Outcome()
+        try:
+            yield outcome
         except _Duplicate:
+            outcome.ran = False
             self._count("duplicates")
-            return False
         except BaseException:
             self._count("failed")
             raise
-        self._count("processed")
-        return True
+        else:
+            self._count("processed")
 
     def subscribe(
         self,
