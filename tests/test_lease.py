@@ -273,3 +273,65 @@ def test_active_relays_lists_every_state_document(state, client, db_name):
     assert abs((old.checkpoint_at - NOW).total_seconds()) < 0.01
     weird = relays["weird"]
     assert (weird.live, weird.owner, weird.lease_expires_at) == (False, None, None)
+
+
+# -- relays that split the outbox another way -----------------------------------------------
+
+
+def _partition_lease(state, index: int, count: int, owner: str) -> Lease:
+    tags = {"group": "default", "partition": index, "partitions": count}
+    return Lease(state, f"default#{index}/{count}", owner, 15.0, group="default", tags=tags)
+
+
+def _expire(state, lease: Lease) -> None:
+    state.update_one({"_id": lease.name}, {"$set": {"lease_expires_at": LONG_AGO}})
+
+
+def test_an_expired_lease_is_not_renewed_and_the_group_keeps_its_partitions(state):
+    """A relay without partitions paused past its lease finds a group running when it wakes:
+    it may not renew, and taking the lease anew yields to the group."""
+    single = _lease(state)
+    assert single.try_acquire()
+    _expire(state, single)  # paused longer than the lease
+    part = _partition_lease(state, 0, 4, "member-a")
+    assert part.try_acquire()  # the expired lease holds nothing
+    assert single.renew() is False
+    assert single.try_acquire() is False
+    assert state.find_one({"_id": "default"})["lease_owner"] is None
+    assert part.renew() is True
+
+
+def test_a_partition_lease_yields_to_a_live_relay_without_partitions(state):
+    single = _lease(state)
+    assert single.try_acquire()
+    part = _partition_lease(state, 1, 4, "member-a")
+    assert part.try_acquire() is False
+    assert state.find_one({"_id": "default#1/4"})["lease_owner"] is None
+    single.release()
+    assert part.try_acquire()
+
+
+def test_a_partition_lease_yields_to_a_group_with_another_count(state):
+    old = _partition_lease(state, 0, 4, "member-a")
+    assert old.try_acquire()
+    new = _partition_lease(state, 0, 8, "member-b")
+    assert new.try_acquire() is False
+    same = _partition_lease(state, 3, 4, "member-c")
+    assert same.try_acquire()  # the same count: no rival
+    old.release()
+    same.release()
+    assert new.try_acquire()
+
+
+def test_a_member_heartbeat_is_no_rival(state):
+    state.insert_one(
+        {
+            "_id": "default#member:m",
+            "group": "default",
+            "kind": "member",
+            "partitions": 8,
+            "lease_owner": "m",
+            "lease_expires_at": FAR_AHEAD,
+        }
+    )
+    assert _partition_lease(state, 0, 4, "member-a").try_acquire()

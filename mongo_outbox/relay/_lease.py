@@ -155,6 +155,20 @@ class Lease:
         #: The relay name of a group's partition lease (None: the lease of an ungrouped relay).
         self.group = group
         self._tags = tags or {}
+        # Live leases that split this outbox another way: a relay of this name without
+        # partitions waits for a group's partition leases, a partition's lease for the lease
+        # of a relay without partitions or of a group with another partition count.
+        leases_of = {"group": group or name, "kind": {"$ne": "member"}}
+        self._rivals: dict[str, Any] = (
+            leases_of
+            if group is None
+            else {
+                "$or": [
+                    {"_id": group},
+                    {**leases_of, "partitions": {"$ne": self._tags.get("partitions")}},
+                ]
+            }
+        )
         self.owner = owner
         self.ttl = ttl
         self.fence: int | None = None
@@ -164,7 +178,7 @@ class Lease:
         #: The outbox, as ``database.collection``.
         self.outbox = f"{state.database.name}.{state.name.removesuffix(suffix)}"
         self._warned: set[str] = set()
-        self._warned_group = False
+        self._warned_rival = False
 
     @property
     def held(self) -> bool:
@@ -234,9 +248,9 @@ class Lease:
         if doc is None:
             return False  # someone else holds an unexpired lease
         fence = int(doc["fence"])
-        if self.group is None and self._group_live():
-            # Taken first, checked after: a group member heartbeats first and checks this
-            # lease after, so of two starting at once at least one sees the other.
+        if self._rival_live():
+            # Taken first, checked after, on both sides: of two relays taking leases that
+            # split the outbox differently at the same moment, at least one sees the other.
             self.fence = fence
             self.release()
             return False
@@ -263,11 +277,13 @@ class Lease:
             return False
         started = time.monotonic()
         result = self.state.update_one(
-            {"_id": self.name, "lease_owner": self.owner, "fence": self.fence},
+            self._unexpired(),
             [{"$set": {"lease_expires_at": {"$add": ["$$NOW", int(self.ttl * 1000)]}}}],
         )
         if result.matched_count == 0:
-            log.warning("relay %r lost its lease (fence %d)", self.name, self.fence)
+            log.warning(
+                "relay %r lost its lease (fence %d moved, or it expired)", self.name, self.fence
+            )
             self.fence = None
             return False
         self._valid_until = started + self.ttl - self._margin
@@ -284,27 +300,34 @@ class Lease:
         self.fence = None
 
     def confirm(self) -> None:
-        """Check on the server that the lease is still ours (owner and fence unchanged);
-        raise :class:`LeaseLostError`, dropping it, if it moved."""
+        """Check on the server that the lease is still ours (owner and fence unchanged, not
+        expired); raise :class:`LeaseLostError`, dropping it, if not."""
         self.check()
-        if self.state.find_one(self.fenced(), {"_id": 1}) is None:
-            log.warning("relay %r lost its lease (fence %s moved)", self.name, self.fence)
-            self.fence = None
-            raise LeaseLostError(f"relay {self.name!r} lost its lease (the fence moved)")
-
-    def _group_live(self) -> bool:
-        """Whether members of a relay group of this name are live: an ungrouped relay of the
-        same name waits for them to stop."""
-        found = lenient(self.state).find_one({"group": self.name, "$expr": LIVE_LEASE}, {"_id": 1})
-        if found is not None and not self._warned_group:
-            self._warned_group = True
+        if self.state.find_one(self._unexpired(), {"_id": 1}) is None:
             log.warning(
-                "relay group %r (--partitions above 1) is live on %s: this relay, without "
-                "partitions, waits until every member stops",
+                "relay %r lost its lease (fence %s moved, or it expired)", self.name, self.fence
+            )
+            self.fence = None
+            raise LeaseLostError(f"relay {self.name!r} lost its lease (moved or expired)")
+
+    def _rival_live(self) -> bool:
+        """Whether a live lease splits this outbox another way (see ``_rivals``); warns once."""
+        found = lenient(self.state).find_one({**self._rivals, "$expr": LIVE_LEASE}, {"_id": 1})
+        if found is not None and not self._warned_rival:
+            self._warned_rival = True
+            log.warning(
+                "relay %r waits: %r on %s is live and splits the outbox another way (with or "
+                "without --partitions, or another count); it takes over once that one stops",
                 self.name,
+                str(found["_id"]),
                 self.outbox,
             )
         return found is not None
+
+    def _unexpired(self) -> dict[str, Any]:
+        # An expired lease is not renewed even if nobody took it: whoever runs must take it
+        # anew, which checks for relays that split the outbox another way meanwhile.
+        return {**self.fenced(), "$expr": {"$gt": ["$lease_expires_at", "$$NOW"]}}
 
     def fenced(self) -> dict[str, Any]:
         """The filter that makes a state write conditional on still holding the lease."""

@@ -94,13 +94,18 @@ class Membership:
         return sorted(members)
 
     def blockers(self) -> list[str]:
-        """Live relays of this name that split the outbox differently: a relay without
-        partitions (the name's own lease) or members of another partition count."""
+        """Live leases of this name that split the outbox differently: the lease of a relay
+        without partitions, or partition leases of another partition count."""
         rows = lenient(self.state).find(
             {
                 "$or": [
                     {"_id": self.name},
-                    {"group": self.name, "partitions": {"$ne": self.count}},
+                    # Leases only: a member waiting on the other side holds nothing.
+                    {
+                        "group": self.name,
+                        "kind": {"$ne": "member"},
+                        "partitions": {"$ne": self.count},
+                    },
                 ],
                 "$expr": LIVE_LEASE,
             },
