@@ -14,7 +14,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from bson import ObjectId
+from bson import Decimal128, ObjectId
 
 __all__ = ["SLOTS", "Partition", "slot_for"]
 
@@ -74,11 +74,19 @@ class Partition:
             return {}
         if self.index == 0:
             # Everything the other partitions do not own, including no slot and bad slots.
-            return {field: {"$not": {"$gte": self.high, "$lt": SLOTS}}}
-        return {field: {"$gte": self.low, "$lt": self.high}}
+            # An array (written by hand) could meet a range with two different elements.
+            return {
+                "$or": [
+                    {field: {"$not": {"$gte": self.high, "$lt": SLOTS}}},
+                    {field: {"$type": "array"}},
+                ]
+            }
+        return {field: {"$gte": self.low, "$lt": self.high, "$not": {"$type": "array"}}}
 
     def owns(self, slot: Any) -> bool:
         """Whether a document with this ``slot`` value belongs here (same rule as match)."""
+        if isinstance(slot, Decimal128):
+            slot = float(slot.to_decimal())
         number = isinstance(slot, int | float) and not isinstance(slot, bool)
         in_range = number and 0 <= slot < SLOTS
         if self.index == 0:

@@ -66,6 +66,16 @@ def set_retention(
             collection.drop_index(name)
         return
     seconds = _seconds(retention)
+    if existing is not None and (
+        existing.get("key") != [(field, ASCENDING)]
+        or existing.get("partialFilterExpression") != partial
+    ):
+        # Changing its expiry could delete what it should not (pending or dead events).
+        raise ConfigurationError(
+            f"{collection.full_name} has an index named {name} that is not the one this "
+            f"library keeps (key {existing.get('key')}, filter "
+            f"{existing.get('partialFilterExpression')}): drop it, then set the retention again"
+        )
     if existing is not None:
         if existing.get("expireAfterSeconds") != seconds:
             collection.database.command(

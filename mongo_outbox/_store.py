@@ -21,13 +21,14 @@ from pymongo.read_concern import ReadConcern
 
 from ._errors import ConfigurationError
 from ._event import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED
-from ._partition import Partition
+from ._partition import Partition, slot_for
 
 __all__ = [
     "RAW",
     "SLOT_INDEX",
     "Failure",
     "OutboxStore",
+    "assign_missing_slots",
     "ensure_indexes",
     "find_one_lenient",
     "lenient",
@@ -78,7 +79,8 @@ def ensure_indexes(
 
     Idempotent. Collections are created up front because a transaction on an older server
     cannot create one. Takes a :class:`pymongo.MongoClient` with ``database`` or a Database.
-    With ``partitions`` above 1 (a relay group), also the index of the partitions' sweeps.
+    With ``partitions`` above 1 (a relay group), also the index of the partitions' sweeps,
+    and pending events written before slots existed get theirs.
 
     ``retention`` (a :class:`~datetime.timedelta` or seconds) keeps a TTL index that deletes
     published events that long after ``published_at`` (pending and dead events stay), and inbox
@@ -97,6 +99,7 @@ def ensure_indexes(
     db[collection].create_index([("status", ASCENDING), ("_id", ASCENDING)], name=PENDING_INDEX)
     if partitions > 1:
         ensure_slot_index(db[collection])
+        assign_missing_slots(db[collection])
     if retention is not None:
         from ._retention import set_retention
 
@@ -104,6 +107,30 @@ def ensure_indexes(
         set_retention(db[collection], "published_at", ttl)
         if inbox in db.list_collection_names(filter={"name": inbox}):
             set_retention(db[inbox], "processed_at", ttl)
+
+
+def assign_missing_slots(outbox: Collection[Any], batch: int = 1000) -> int:
+    """Give pending events written without ``slot`` (before slots existed) the slot ``emit``
+    gives now, so that a relay group publishes each of their keys from one partition; return
+    how many were given one. Documents whose ``_id`` is no ObjectId are left to partition 0
+    (the relay sets them dead)."""
+    ops: list[UpdateOne] = []
+    done = 0
+    query = {"status": STATUS_PENDING, "slot": {"$exists": False}}
+    for doc in lenient(outbox).find(query, {"key": 1}, batch_size=batch):
+        event_id, key = doc["_id"], doc.get("key")
+        if not isinstance(event_id, ObjectId):
+            continue
+        slot = slot_for(key if isinstance(key, str) and key else None, event_id)
+        ops.append(
+            UpdateOne({"_id": event_id, "slot": {"$exists": False}}, {"$set": {"slot": slot}})
+        )
+        if len(ops) >= batch:
+            done += outbox.bulk_write(ops, ordered=False).modified_count
+            ops = []
+    if ops:
+        done += outbox.bulk_write(ops, ordered=False).modified_count
+    return done
 
 
 def ensure_slot_index(outbox: Collection[Any]) -> None:

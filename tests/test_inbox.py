@@ -386,6 +386,13 @@ def test_the_ttl_index_never_matches_a_dead_or_pending_event(client, db_name):
     assert sorted(d["_id"] for d in db.outbox.find()) == [1, 2]
 
 
+def test_a_foreign_index_under_our_name_is_not_changed(client, db_name):
+    client[db_name].outbox.create_index("published_at", name=OUTBOX_TTL_INDEX, expireAfterSeconds=9)
+    with pytest.raises(ConfigurationError, match="not the one this library keeps"):
+        ensure_indexes(client, db_name, retention=3600)
+    assert client[db_name].outbox.index_information()[OUTBOX_TTL_INDEX]["expireAfterSeconds"] == 9
+
+
 def test_a_retention_under_a_second_is_refused(client, db_name):
     with pytest.raises(ConfigurationError, match="at least one second"):
         ensure_indexes(client, db_name, retention=0.5)

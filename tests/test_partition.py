@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from bson import ObjectId
+from bson import Decimal128, ObjectId
 from bson.int64 import Int64
 
 from mongo_outbox._event import build_document
 from mongo_outbox._partition import SLOTS, Partition, slot_for
+from mongo_outbox._store import assign_missing_slots
 from mongo_outbox.relay._membership import assign
 
 # CRC-32 (IEEE) of these UTF-8 bytes, modulo 1024. "123456789" is CRC-32's published check
@@ -57,7 +58,7 @@ def test_partitions_cover_every_slot_exactly_once(count):
     assert max(sizes) - min(sizes) <= 1
 
 
-@pytest.mark.parametrize("odd", [None, "12", -1, SLOTS, 5.5e9, True, [3]])
+@pytest.mark.parametrize("odd", [None, "12", -1, SLOTS, 5.5e9, True, [3], [300, 2000]])
 def test_documents_without_a_usable_slot_belong_to_partition_0(odd):
     parts = [Partition(i, 4) for i in range(4)]
     assert [p.owns(odd) for p in parts] == [True, False, False, False]
@@ -85,7 +86,7 @@ def test_bad_partitions_are_refused():
 def test_partition_queries_select_what_owns_says(client, db_name):
     """The server's reading of match() is the same as owns(), slot by slot and for odd ones."""
     coll = client[db_name]["slots"]
-    odd = [None, "12", -1, SLOTS, 5.5e9, True, Int64(7), 7.0]
+    odd = [None, "12", -1, SLOTS, 5.5e9, True, Int64(7), 7.0, [3, 2000], [600], Decimal128("700")]
     coll.insert_many([{"_id": i, "slot": s} for i, s in enumerate([*range(SLOTS), *odd])])
     coll.insert_one({"_id": "no-slot"})
     docs = {d["_id"]: d.get("slot", None) for d in coll.find()}
@@ -124,3 +125,22 @@ def test_a_join_moves_few_partitions():
     moved = sum(1 for m in "abc" for p in before[m] if p not in after[m])
     assert len(after["d"]) == 3
     assert moved <= 5  # modulo assignment would move 9 of 12
+
+
+def test_pending_events_written_before_slots_get_the_slot_emit_gives(client, db_name):
+    outbox = client[db_name].outbox
+    keyed = build_document("T", b"x", key="order-7")
+    keyless = build_document("T", b"x")
+    published = build_document("T", b"x", key="k")
+    published["status"] = "published"
+    docs = [keyed, keyless, published, {"_id": "odd", "status": "pending"}]
+    outbox.insert_many([{k: v for k, v in d.items() if k != "slot"} for d in docs])
+    assert assign_missing_slots(outbox) == 2
+    slots = {d["_id"]: d.get("slot") for d in outbox.find()}
+    assert slots == {
+        keyed["_id"]: 730,
+        keyless["_id"]: keyless["slot"],
+        published["_id"]: None,
+        "odd": None,
+    }
+    assert assign_missing_slots(outbox) == 0

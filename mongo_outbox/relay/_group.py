@@ -21,7 +21,7 @@ from bson.errors import BSONError
 from pymongo.errors import OperationFailure, PyMongoError
 
 from .._partition import Partition
-from .._store import ensure_slot_index
+from .._store import assign_missing_slots, ensure_slot_index
 from ._keeper import await_outbox
 from ._membership import Membership, assign
 
@@ -58,19 +58,19 @@ class _Worker:
 
 
 class RelayGroup:
-    """Runs group member ``member`` until stopped; ``make`` builds a partition's relay (kept
-    in ``relays``, whose counters add up to the member's)."""
+    """Runs group member ``member`` until stopped; ``enlist`` makes a partition's relay and
+    ``retire`` takes one that ended (its counters stay in the member's)."""
 
     def __init__(
         self,
         member: Relay,
-        relays: list[Relay],
-        make: Callable[[Relay, Partition], Relay],
+        enlist: Callable[[Partition], Relay],
+        retire: Callable[[Relay], None],
     ) -> None:
         config = member.config
         self._member = member
-        self._relays = relays
-        self._make = make
+        self._enlist = enlist
+        self._retire = retire
         self._count = config.partitions
         self.membership = Membership(
             member.store.state, config.name, member.lease.owner, self._count, config.lease_ttl
@@ -123,15 +123,26 @@ class RelayGroup:
                 worker.stop.set()  # it finishes its batch, checkpoints and releases the lease
         for index in sorted(wanted - self._workers.keys()):
             partition = Partition(index, self._count)
-            worker = _Worker(self._make(self._member, partition))
-            self._relays.append(worker.relay)
+            worker = _Worker(self._enlist(partition))
             self._workers[index] = worker
             worker.start(partition)
         self._report()
 
     def _prepare(self) -> None:
+        outbox = self._member.store.outbox
         try:
-            ensure_slot_index(self._member.store.outbox)
+            given = assign_missing_slots(outbox)
+        except OperationFailure as exc:
+            log.warning("cannot give slots to pending events written without one: %s", exc)
+        else:
+            if given:
+                log.info(
+                    "gave %d pending events written before slots existed their slot (so each "
+                    "key is published by one partition)",
+                    given,
+                )
+        try:
+            ensure_slot_index(outbox)
         except OperationFailure as exc:
             log.warning(
                 "cannot create the index of the partitions' sweeps (%s): sweeps will scan; "
@@ -150,6 +161,7 @@ class RelayGroup:
             if worker.alive:
                 continue
             del self._workers[index]
+            self._retire(worker.relay)
             if worker.error is not None:
                 raise worker.error
 

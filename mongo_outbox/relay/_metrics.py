@@ -121,6 +121,9 @@ class RelayMetrics:
             own,
             registry=r,
         )
+        self._per_partition = (self._checkpoint_age, self._lease_active, self._held_keys)
+        self._shown: dict[Gauge, set[tuple[str, ...]]] = {g: set() for g in self._per_partition}
+        self._partition_lock = threading.Lock()
 
     def published(self, topics: Iterable[str | None]) -> None:
         """Count confirmed events, one topic per event."""
@@ -135,21 +138,30 @@ class RelayMetrics:
     def partitions(self, rows: Iterable[PartitionState]) -> None:
         """Set the per-partition gauges: one row per partition this process works on (one row,
         partition None, for a relay without partitions). A checkpoint age of None (not saved
-        by this process yet) leaves its series out."""
-        gauges = (self._checkpoint_age, self._lease_active, self._held_keys)
-        if self.partitioned:
-            for gauge in gauges:
-                gauge.clear()  # partitions given back must not linger
-        else:
-            self._checkpoint_age.clear()
+        by this process yet) leaves its series out, and so does a partition given back.
+
+        Series are set, then the stale ones removed, never cleared first: a scrape running at
+        the same time sees every live series."""
+        wanted: dict[Gauge, set[tuple[str, ...]]] = {g: set() for g in self._per_partition}
         for row in rows:
             labels = dict(self._labels)
             if self.partitioned:
                 labels["partition"] = str(row.partition)
-            if row.checkpoint_age is not None:
-                self._checkpoint_age.labels(**labels).set(row.checkpoint_age)
-            self._lease_active.labels(**labels).set(1 if row.lease_active else 0)
-            self._held_keys.labels(**labels).set(row.held_keys)
+            key = tuple(labels.values())
+            values = (
+                (self._checkpoint_age, row.checkpoint_age),
+                (self._lease_active, 1 if row.lease_active else 0),
+                (self._held_keys, row.held_keys),
+            )
+            for gauge, value in values:
+                if value is not None:
+                    gauge.labels(*key).set(value)
+                    wanted[gauge].add(key)
+        with self._partition_lock:  # two scrapes may refresh at once
+            for gauge, keys in wanted.items():
+                for stale in self._shown[gauge] - keys:
+                    gauge.remove(*stale)
+                self._shown[gauge] = keys
 
     def oplog(self, window: float | None, headroom: float | None) -> None:
         """Set the oplog gauges; None removes one (absent rather than wrong)."""

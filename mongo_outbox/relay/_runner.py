@@ -148,6 +148,7 @@ class Relay:
         #: True while :meth:`run` works (or waits as a standby).
         self.running = False
         self._progress_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
         #: Relays of the partitions this group member has worked on (None: not a member).
         self._partitions: list[Relay] | None = None if partition else []
         self._restarts = Backoff(config.transient_initial, config.transient_max)
@@ -163,7 +164,23 @@ class Relay:
         """Counters since start (a group member's add up those of its partitions)."""
         if self._partitions is None:
             return self._stats
-        return RelayStats.total([self._stats, *(r.stats for r in self._partitions)])
+        with self._stats_lock:
+            return RelayStats.total([self._stats, *(r.stats for r in self._partitions)])
+
+    def _enlist(self, partition: Partition) -> Relay:
+        """A new relay for one of this group member's partitions."""
+        relay = self._of_partition(self, partition)
+        with self._stats_lock:
+            assert self._partitions is not None
+            self._partitions.append(relay)
+        return relay
+
+    def _retire(self, relay: Relay) -> None:
+        """A partition's relay has ended: keep its counters, forget the relay."""
+        with self._stats_lock:
+            assert self._partitions is not None
+            self._partitions.remove(relay)
+            self._stats = RelayStats.total([self._stats, relay.stats])
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Relay until ``stop`` is set; connection losses are ridden out with backoff.
@@ -174,7 +191,7 @@ class Relay:
         """
         self._stop = stop or self._stop
         if self._partitions is not None:
-            RelayGroup(self, self._partitions, self._of_partition).run(self._stop)
+            RelayGroup(self, self._enlist, self._retire).run(self._stop)
             return
         self.running = True
         failures = 0
@@ -220,8 +237,7 @@ class Relay:
         if self._partitions is not None:
             # A group member drains every partition in turn (each under its own lease).
             count = self.config.partitions
-            relays = [self._of_partition(self, Partition(i, count)) for i in range(count)]
-            self._partitions.extend(relays)
+            relays = [self._enlist(Partition(i, count)) for i in range(count)]
             return sum(relay.run_once() for relay in relays)
         before = self.stats.published
         try:
@@ -334,7 +350,8 @@ class Relay:
 
     def _working(self) -> list[Relay]:
         """The partitions' relays of a group member that are running now."""
-        return [r for r in self._partitions or () if r.running]
+        with self._stats_lock:
+            return [r for r in self._partitions or () if r.running]
 
     def _oldest_token(self) -> Mapping[str, Any] | None:
         """The checkpoint furthest behind (what the oplog must still hold)."""
@@ -346,7 +363,7 @@ class Relay:
     def _progressed(self) -> None:
         """The dispatcher settled events: a beat, and now and then a progress line."""
         self.health.beat()
-        lags = [r.dispatcher.last_lag for r in (self._partitions or [self])]
+        lags = [r.dispatcher.last_lag for r in (self._working() if self._partitions else [self])]
         lag = max((x for x in lags if x is not None), default=None)
         with self._progress_lock:  # a group member's partitions progress in several threads
             self.progress.update(self.stats.published, lag, self.sampler.pending)
