@@ -44,7 +44,7 @@ from google.pubsub_v1 import PublishRequest
 from pymongo import ASCENDING, MongoClient
 from pymongo.write_concern import WriteConcern
 
-from mongo_outbox import PubSubPublisher, Relay, RelayConfig, outbox_transaction
+from mongo_outbox import PubSubPublisher, Relay, RelayConfig, ensure_indexes, outbox_transaction
 from mongo_outbox.publishers._pubsub import make_gapic_client
 
 Metrics = dict[str, float]
@@ -671,6 +671,9 @@ def _group_round(
     n = cfg.group_n
     with bench.database("group") as db, bench.topic("group") as (topic, sub):
         write_backlog(client, db, n)
+        if partitions is not None:
+            # As a deployment would: `mongo-outbox init --partitions P` before the relays.
+            ensure_indexes(client, db, partitions=partitions)
         outbox = client[db].outbox
         argv = [_mongo_outbox_exe(), "relay", "--name", "bench"]
         if partitions is not None:

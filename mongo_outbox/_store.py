@@ -98,7 +98,7 @@ def ensure_indexes(
                 raise
     db[collection].create_index([("status", ASCENDING), ("_id", ASCENDING)], name=PENDING_INDEX)
     if partitions > 1:
-        ensure_slot_index(db[collection])
+        ensure_slot_index(db[collection])  # first: it serves the search for slotless events
         assign_missing_slots(db[collection])
     if retention is not None:
         from ._retention import set_retention

@@ -131,6 +131,15 @@ class RelayGroup:
     def _prepare(self) -> None:
         outbox = self._member.store.outbox
         try:
+            ensure_slot_index(outbox)
+        except OperationFailure as exc:
+            log.warning(
+                "cannot create the index of the partitions' sweeps (%s): sweeps will scan; "
+                "create it with `mongo-outbox init --partitions %d`",
+                exc,
+                self._count,
+            )
+        try:
             given = assign_missing_slots(outbox)
         except OperationFailure as exc:
             log.warning("cannot give slots to pending events written without one: %s", exc)
@@ -141,15 +150,6 @@ class RelayGroup:
                     "key is published by one partition)",
                     given,
                 )
-        try:
-            ensure_slot_index(outbox)
-        except OperationFailure as exc:
-            log.warning(
-                "cannot create the index of the partitions' sweeps (%s): sweeps will scan; "
-                "create it with `mongo-outbox init --partitions %d`",
-                exc,
-                self._count,
-            )
         try:
             self.membership.prune()
         except PyMongoError as exc:
