@@ -57,6 +57,11 @@ class RelayProcess:
         os.unlink(self.log.name)
 
 
+def report(name: str, **figures: Any) -> None:
+    """Print a fault test's figures (run pytest with -s to see them)."""
+    print(f"\n[fault] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+
+
 def relay_env(uri: str, db: str, project: str, topic: str, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from faults import RelayProcess, Writer, check_delivery, committed_ids, relay_env
+from faults import RelayProcess, Writer, check_delivery, committed_ids, relay_env, report
 from helpers import wait_for
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
@@ -26,10 +26,6 @@ from mongo_outbox.cli import main as cli_main
 from mongo_outbox.testing import MongoReplicaSet
 
 pytestmark = pytest.mark.slow
-
-
-def _report(name: str, **figures: Any) -> None:
-    print(f"\n[fault] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
 
 
 def _emit_marker(client: MongoClient[Any], db: str) -> Any:
@@ -93,7 +89,7 @@ def test_kill_9_relay_repeatedly_while_writing(client, db_name, pubsub, mongodb_
     finally:
         final.close()
     delivered, duplicates = check_delivery(committed, sub.received)
-    _report(
+    report(
         "kill -9 x8",
         kills=kills,
         written=len(committed),
@@ -129,7 +125,7 @@ def test_frozen_emulator_is_ridden_out(client, db_name, pubsub, pubsub_emulator,
         writer.stop()
         relay.close()
     delivered, duplicates = check_delivery(committed, sub.received)
-    _report(
+    report(
         "emulator SIGSTOP 10 s",
         written=len(committed),
         delivered=delivered,
@@ -161,7 +157,7 @@ def test_poison_document_among_good_events(client, db_name, pubsub, mongodb_uri)
         relay.close()
     assert [m.attributes["outbox_event_id"] for m in got] == [str(g) for g in good]
     assert "payload" in doc["last_error"]
-    _report("poison", good=6, delivered=len(got), poison_reason=doc["last_error"])
+    report("poison", good=6, delivered=len(got), poison_reason=doc["last_error"])
 
 
 def test_resume_token_lost_from_the_oplog(pubsub, outbox_database):
@@ -211,7 +207,7 @@ def test_resume_token_lost_from_the_oplog(pubsub, outbox_database):
     assert "unusable" in output, output
     ids = [m.attributes["outbox_event_id"] for m in got[1:]]
     assert ids == [str(i) for i in while_down + after]
-    _report("oplog rollover", events=61, delivered=len(got), recovery_s=round(recovered, 1))
+    report("oplog rollover", events=61, delivered=len(got), recovery_s=round(recovered, 1))
 
 
 def test_two_relays_on_one_outbox(client, db_name, pubsub, mongodb_uri):
@@ -246,7 +242,7 @@ def test_two_relays_on_one_outbox(client, db_name, pubsub, mongodb_uri):
         first.close()
         second.close()
     delivered, duplicates = check_delivery(committed, sub.received)
-    _report(
+    report(
         "two relays",
         written=len(committed),
         delivered=delivered,
@@ -299,7 +295,7 @@ def test_failing_key_waits_and_requeue_sends_it_in_order(client, db_name, pubsub
         relay.close()
     assert [m.attributes["outbox_event_id"] for m in got_k] == [str(i) for i in k_ids]
     assert side_sub.received[0].attributes["outbox_event_id"] == str(k_first)
-    _report("failing key + requeue", held=2, requeued=1, delivered_in_order=len(got_k))
+    report("failing key + requeue", held=2, requeued=1, delivered_in_order=len(got_k))
 
 
 def test_second_signal_exits_at_once_while_the_first_waits_for_the_batch(
@@ -337,7 +333,7 @@ def test_second_signal_exits_at_once_while_the_first_waits_for_the_batch(
     assert exited_in < 5
     # Nothing is lost: the event is still pending for the next relay.
     assert client[db_name].outbox.find_one({"_id": stuck})["status"] == "pending"
-    _report("double SIGTERM", exit_code=code, exited_after_second_s=round(exited_in, 2))
+    report("double SIGTERM", exit_code=code, exited_after_second_s=round(exited_in, 2))
 
 
 def _ride_out_mongo_fault(
@@ -376,7 +372,7 @@ def _ride_out_mongo_fault(
             relay.close()
             client.close()
     delivered, duplicates = check_delivery(committed, sub.received)
-    _report(
+    report(
         name,
         written=len(committed),
         delivered=delivered,

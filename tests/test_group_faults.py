@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pytest
-from faults import RelayProcess, check_delivery, committed_ids, relay_env
+from faults import RelayProcess, check_delivery, committed_ids, relay_env, report
 from helpers import wait_for
 from pymongo import MongoClient
 
@@ -21,10 +21,6 @@ from mongo_outbox._admin import OutboxAdmin
 pytestmark = pytest.mark.slow
 
 PARTITIONS = 8
-
-
-def _report(name: str, **figures: Any) -> None:
-    print(f"\n[fault] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
 
 
 class GroupWriter(threading.Thread):
@@ -130,7 +126,7 @@ def test_group_of_four_joins_one_by_one_then_loses_three(client, db_name, pubsub
             relay.close()
     delivered, duplicates = check_delivery(committed, sub.received)
     assert delivered == 20_000
-    _report(
+    report(
         "group of four",
         written=len(committed),
         delivered=delivered,
@@ -165,6 +161,6 @@ def test_four_steady_members_share_the_work(client, db_name, pubsub, mongodb_uri
         found = re.search(r"stopped after publishing (\d+) events", output)
         assert found, output[-2000:]
         shares.append(int(found.group(1)) / 4_000)
-    _report("four steady members", shares=[round(s, 3) for s in shares])
+    report("four steady members", shares=[round(s, 3) for s in shares])
     assert sum(shares) >= 1.0
     assert all(0.15 <= s <= 0.35 for s in shares), shares

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faults import report
 from helpers import wait_for
 
 from mongo_outbox import Inbox, ensure_indexes, outbox_transaction
@@ -25,10 +26,6 @@ from mongo_outbox.testing import EmulatorSubscription
 pytestmark = pytest.mark.slow
 
 CONSUMER = Path(__file__).with_name("inbox_consumer.py")
-
-
-def _report(name: str, **figures: Any) -> None:
-    print(f"\n[fault] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
 
 
 class ConsumerProcess:
@@ -107,7 +104,7 @@ def test_killed_between_commit_and_ack_the_redelivery_does_not_repeat_the_effect
         unordered.close()
     effects = list(client[db_name].effects.find())
     assert sorted(e["event"] for e in effects) == sorted(sent)  # each effect exactly once
-    _report(
+    report(
         "consumer kill -9 after commit",
         messages=20,
         committed_before_kill=committed,
@@ -183,7 +180,7 @@ def test_a_chain_of_three_services_has_exactly_one_effect_per_event(
     assert sorted(e["event"] for e in b_effects) == all_sent  # B: each once
     assert b_outbox == 1000  # B emitted exactly one event per input, atomically
     assert sorted(c_sources) == all_sent  # C: 1,000 distinct effects, none twice
-    _report(
+    report(
         "chain A -> B -> C",
         events=1000,
         b_kills=kills,
