@@ -340,6 +340,9 @@ def test_a_group_member_labels_its_partitions_gauges(
     runner = relay_factory(db_name, default_topic=topic, partitions=3, owner="member-a")
     port = served(runner.relay)
     labels = {"outbox": f"{db_name}.outbox", "relay": "default"}
+    # Active: it has built the slot index (a build makes concurrent transactions conflict) and
+    # owns its partitions, which the member's role follows at its next heartbeat.
+    wait_for(lambda: _get(port, "/readyz") == (200, "active\n"), timeout=30)
     _emit(client, db_name, 30)
     sub.pull_until(30, timeout=30)
     metrics = wait_for(
@@ -362,8 +365,6 @@ def test_a_group_member_labels_its_partitions_gauges(
         assert _value(metrics, "mongo_outbox_lease_active", partition=p) == 1
         assert _value(metrics, "mongo_outbox_held_keys", partition=p) == 0
     assert _value(metrics, "mongo_outbox_events_published_total", topic=topic) == 30
-    # The member's role follows its partitions at its next heartbeat.
-    wait_for(lambda: _get(port, "/readyz") == (200, "active\n"), timeout=10)
     runner.stop()
     # Partitions given back leave no series behind.
     after = _metrics(port)
