@@ -14,12 +14,14 @@ import pytest
 from faults import check_delivery, committed_ids
 from helpers import wait_for
 from pymongo import MongoClient
+from pymongo.errors import AutoReconnect
 
 from mongo_outbox import outbox_transaction
 from mongo_outbox._admin import OutboxAdmin
 from mongo_outbox._partition import Partition, slot_for
 from mongo_outbox._store import SLOT_INDEX, state_collection_name
 from mongo_outbox.cli import main as cli_main
+from mongo_outbox.relay import _group
 from mongo_outbox.relay._lease import Lease
 
 
@@ -220,3 +222,19 @@ def test_one_partition_writes_the_state_of_before(client, db_name, pubsub, relay
         "checkpoint_at",
     }
     assert SLOT_INDEX not in client[db_name].outbox.index_information()
+
+
+def test_a_member_that_cannot_prepare_the_outbox_still_publishes(
+    client, db_name, pubsub, relay_factory, monkeypatch
+):
+    def unreachable(outbox):
+        raise AutoReconnect("MongoDB went away for a moment")
+
+    monkeypatch.setattr(_group, "ensure_slot_index", unreachable)
+    monkeypatch.setattr(_group, "assign_missing_slots", unreachable)
+    topic, sub = pubsub.topic()
+    runner = relay_factory(db_name, owner="member-a", default_topic=topic, partitions=2)
+    wait_for(lambda: _owned(client, db_name, "member-a") == [0, 1], timeout=30)
+    _emit(client, db_name, 20, keys=4)
+    sub.pull_until(20, timeout=30)
+    assert runner.thread.is_alive()

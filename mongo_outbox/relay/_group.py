@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from bson.errors import BSONError
-from pymongo.errors import OperationFailure, PyMongoError
+from pymongo.errors import PyMongoError
 
 from .._partition import Partition
 from .._store import assign_missing_slots, ensure_slot_index
@@ -130,9 +130,11 @@ class RelayGroup:
 
     def _prepare(self) -> None:
         outbox = self._member.store.outbox
+        # Neither is needed for correctness: a failure here (no privilege, MongoDB gone for a
+        # moment) is logged, and the partitions' pipelines ride out what follows.
         try:
             ensure_slot_index(outbox)
-        except OperationFailure as exc:
+        except PyMongoError as exc:
             log.warning(
                 "cannot create the index of the partitions' sweeps (%s): sweeps will scan; "
                 "create it with `mongo-outbox init --partitions %d`",
@@ -141,7 +143,7 @@ class RelayGroup:
             )
         try:
             given = assign_missing_slots(outbox)
-        except OperationFailure as exc:
+        except PyMongoError as exc:
             log.warning("cannot give slots to pending events written without one: %s", exc)
         else:
             if given:
