@@ -142,9 +142,14 @@ def test_a_transient_error_reruns_the_transaction(client, db_name, inbox):
     def fast_run():
         result["ran"] = inbox.process(_message(message_id="m2"), _record_effect(client, db_name))
 
+    def aborted() -> int:
+        return int(client.admin.command("serverStatus")["transactions"]["totalAborted"])
+
+    before = aborted()
     fast = threading.Thread(target=fast_run)
     fast.start()
-    time.sleep(0.5)
+    # The second delivery's transaction has met the conflict (and is being retried).
+    wait_for(lambda: aborted() > before, timeout=10)
     release.set()
     worker.join(30)
     fast.join(30)
