@@ -21,6 +21,20 @@ from bson.int64 import Int64
 from bson.tz_util import utc as _BSON_UTC
 
 from ._errors import PoisonEventError, ValidationError
+from ._formats import (
+    ATTR_REPLAY,
+    CE_ID,
+    CE_SOURCE,
+    CE_SPECVERSION,
+    CE_TIME,
+    CE_TYPE,
+    CONTENT_TYPE,
+    JSON,
+    OUTBOX,
+    TEXT,
+    WIDEST,
+    MessageFormat,
+)
 from ._partition import slot_for
 
 __all__ = [
@@ -47,9 +61,17 @@ ATTR_CREATED_AT = "outbox_created_at"
 # The event's W3C trace context, under the names google-cloud-pubsub's own tracing uses.
 ATTR_TRACEPARENT = "googclient_traceparent"
 ATTR_TRACESTATE = "googclient_tracestate"
-#: Every attribute the relay may add: user attributes get what is left of Pub/Sub's 100.
+#: Attribute names of the outbox format, the replay mark and the trace context; user
+#: attributes may not use them, nor the CloudEvents format's (``ce-*``, ``content-type``).
 RESERVED_ATTRIBUTES = frozenset(
-    {ATTR_EVENT_ID, ATTR_EVENT_TYPE, ATTR_CREATED_AT, ATTR_TRACEPARENT, ATTR_TRACESTATE}
+    {
+        ATTR_EVENT_ID,
+        ATTR_EVENT_TYPE,
+        ATTR_CREATED_AT,
+        ATTR_TRACEPARENT,
+        ATTR_TRACESTATE,
+        ATTR_REPLAY,
+    }
 )
 #: A stored tracestate is cut (whole list members from the end, as W3C allows) to this size.
 MAX_TRACESTATE_BYTES = 512
@@ -234,10 +256,12 @@ def _check_key(key: Any) -> tuple[str | None, int]:
 
 
 def _check_attributes(
-    attributes: Any, added: int = len(RESERVED_ATTRIBUTES)
+    attributes: Any, added: int, cloudevents: bool = True
 ) -> tuple[dict[str, str], int]:
     """The attributes, checked, and their size in bytes (names plus values); ``added`` is how
-    many attributes mongo-outbox adds to them."""
+    many attributes mongo-outbox adds to them, ``cloudevents`` whether the names of that format
+    are refused (always at ``emit``; by the relay only in that format, so documents written
+    before keep their attributes in the outbox format)."""
     if not attributes and (attributes is None or isinstance(attributes, Mapping)):
         return {}, 0
     if not isinstance(attributes, Mapping):
@@ -248,7 +272,8 @@ def _check_attributes(
     if len(attributes) > limit:
         raise ValidationError(
             f"{len(attributes)} attributes given; Pub/Sub allows {MAX_ATTRIBUTES} per message "
-            f"and mongo-outbox may add {added} (outbox_* and trace context), "
+            f"and mongo-outbox may add {added} (its format's, the replay mark and the trace "
+            "context), "
             f"so at most {limit}: move the rest into the payload"
         )
     checked: dict[str, str] = {}
@@ -266,6 +291,11 @@ def _check_attributes(
             )
         if name in RESERVED_ATTRIBUTES:
             raise ValidationError(f"attribute key {name!r} is reserved by mongo-outbox: rename it")
+        if cloudevents and (name[:3].lower() == "ce-" or name.lower() == CONTENT_TYPE):
+            raise ValidationError(
+                f"attribute key {name!r} is reserved by the CloudEvents format (ce-*, "
+                "content-type): rename it"
+            )
         if name.startswith("goog"):
             raise ValidationError(
                 f"attribute key {name!r} starts with 'goog', which Pub/Sub reserves: rename it"
@@ -286,16 +316,15 @@ def _check_attributes(
     return checked, size
 
 
-# Bytes taken by the reserved attributes: names plus the longest values they can have (a
-# 24-character hex id, a 24-character timestamp, a traceparent, the longest tracestate kept),
-# whether or not the event has a trace context; the type's length is added per event.
-_RESERVED_OVERHEAD = (
-    sum(len(n) for n in RESERVED_ATTRIBUTES) + 24 + 24 + _TRACEPARENT_BYTES + MAX_TRACESTATE_BYTES
+# What emit reserves: the attributes and bytes of the wider format (CloudEvents with the
+# longest source), replayed, with the longest trace context kept; the type's length is added
+# per event. The relay counts only what its format and the document's trace context take, so
+# documents written before are not refused for room they do not use.
+_TRACE_OVERHEAD = (
+    len(ATTR_TRACEPARENT) + len(ATTR_TRACESTATE) + _TRACEPARENT_BYTES + MAX_TRACESTATE_BYTES
 )
-# The same without the trace context: the relay counts the context a document really has, so
-# documents written before trace contexts were counted are not refused for them.
-_OUTBOX_ATTRIBUTES = 3  # outbox_event_id, outbox_event_type, outbox_created_at
-_OUTBOX_OVERHEAD = len(ATTR_EVENT_ID) + len(ATTR_EVENT_TYPE) + len(ATTR_CREATED_AT) + 24 + 24
+_RESERVED_OVERHEAD = WIDEST.overhead + _TRACE_OVERHEAD
+_RESERVED_COUNT = WIDEST.added + 2
 
 
 class _CheckedEvent(NamedTuple):
@@ -318,7 +347,8 @@ def _check_event(
     key: Any,
     attributes: Any,
     reserve: int = _RESERVED_OVERHEAD,
-    added: int = len(RESERVED_ATTRIBUTES),
+    added: int = _RESERVED_COUNT,
+    cloudevents: bool = True,
 ) -> _CheckedEvent:
     """Every rule an event must meet to be published, shared by ``emit`` and the relay.
 
@@ -342,7 +372,7 @@ def _check_event(
         attrs: dict[str, str] = {}
         attrs_bytes = 0
     else:
-        attrs, attrs_bytes = _check_attributes(attributes, added)
+        attrs, attrs_bytes = _check_attributes(attributes, added, cloudevents)
     data = payload if type(payload) is bytes else encode_payload(payload)
     size = len(data) + key_bytes + attrs_bytes + reserve + type_bytes
     if size > MAX_MESSAGE_BYTES:
@@ -384,6 +414,10 @@ def build_document(
         "attempts": 0,
         "slot": slot_for(event.key, event_id),
     }
+    if isinstance(payload, Mapping):
+        doc["content_type"] = JSON
+    elif isinstance(payload, str):
+        doc["content_type"] = TEXT
     if trace is not None:
         doc["trace"] = dict(trace)
     return doc
@@ -402,9 +436,11 @@ class Message:
     size: int = 0
 
 
-def message_from_document(doc: Mapping[str, Any], default_topic: str | None = None) -> Message:
-    """Turn an outbox document into a :class:`Message`, its topic ``default_topic`` if it has
-    none.
+def message_from_document(
+    doc: Mapping[str, Any], default_topic: str | None = None, fmt: MessageFormat = OUTBOX
+) -> Message:
+    """Turn an outbox document into a :class:`Message` in format ``fmt``, its topic
+    ``default_topic`` if it has none.
 
     Raises :class:`PoisonEventError` naming what is wrong when the document cannot be published
     (written by hand, by another program or by an incompatible version): the fields must have
@@ -427,10 +463,10 @@ def message_from_document(doc: Mapping[str, Any], default_topic: str | None = No
     trace_attributes: dict[str, str] = {}
     trace = doc.get("trace")
     if trace is None:
-        reserve = _OUTBOX_OVERHEAD
+        reserve = fmt.overhead
     else:
         _add_trace_attributes(trace_attributes, trace)
-        reserve = _OUTBOX_OVERHEAD + sum(len(k) + len(v) for k, v in trace_attributes.items())
+        reserve = fmt.overhead + sum(len(k) + len(v) for k, v in trace_attributes.items())
     try:
         event = _check_event(
             event_type,
@@ -439,7 +475,8 @@ def message_from_document(doc: Mapping[str, Any], default_topic: str | None = No
             doc.get("key"),
             doc.get("attributes"),
             reserve,
-            added=_OUTBOX_ATTRIBUTES + len(trace_attributes),
+            fmt.added + len(trace_attributes),
+            fmt.cloudevents_source is not None,
         )
     except ValidationError as exc:
         raise PoisonEventError(str(exc)) from exc
@@ -449,7 +486,9 @@ def message_from_document(doc: Mapping[str, Any], default_topic: str | None = No
         created = f"{utc_second(created_at)[0]}.{created_at.microsecond // 1000:03d}Z"
     else:
         created = format_timestamp(created_at)
-    if event.attributes:
+    if fmt is not OUTBOX:
+        attributes = _format_attributes(fmt, doc, event, str(event_id), created)
+    elif event.attributes:
         attributes = dict(event.attributes)
         attributes[ATTR_EVENT_ID] = str(event_id)
         attributes[ATTR_EVENT_TYPE] = event_type
@@ -464,6 +503,29 @@ def message_from_document(doc: Mapping[str, Any], default_topic: str | None = No
         attributes.update(trace_attributes)
     topic = event.topic if event.topic is not None else default_topic
     return Message(event_id, topic, payload, event.key, attributes, event.size)
+
+
+def _format_attributes(
+    fmt: MessageFormat, doc: Mapping[str, Any], event: _CheckedEvent, event_id: str, created: str
+) -> dict[str, str]:
+    """The attributes of ``fmt`` other than the default one (CloudEvents, or a replay)."""
+    attributes = dict(event.attributes)
+    attributes[ATTR_EVENT_ID] = event_id
+    if fmt.cloudevents_source is None:
+        attributes[ATTR_EVENT_TYPE] = event.event_type
+        attributes[ATTR_CREATED_AT] = created
+    else:
+        attributes[CE_SPECVERSION] = "1.0"
+        attributes[CE_ID] = event_id
+        attributes[CE_TYPE] = event.event_type
+        attributes[CE_SOURCE] = fmt.cloudevents_source
+        attributes[CE_TIME] = created
+        content_type = doc.get("content_type")
+        if content_type in (JSON, TEXT):
+            attributes[CONTENT_TYPE] = content_type
+    if fmt.replay:
+        attributes[ATTR_REPLAY] = "1"
+    return attributes
 
 
 # The relay formats the created_at of every event it reads, and most events of a batch share a

@@ -52,6 +52,7 @@ PUBLISH_PROJECTION = {
     "next_attempt_at": 1,
     "trace": 1,
     "slot": 1,
+    "content_type": 1,
 }
 # Codes that say a snapshot read is not possible here: SnapshotUnavailable, SnapshotTooOld,
 # InvalidOptions, TypeMismatch, FailedToParse, OperationNotSupportedInTransaction.

@@ -14,6 +14,7 @@ from bson import Decimal128, ObjectId
 import mongo_outbox
 from mongo_outbox import PoisonEventError, ValidationError
 from mongo_outbox import _event as ev
+from mongo_outbox._formats import MessageFormat
 
 UTC = dt.timezone.utc
 
@@ -184,14 +185,19 @@ def test_non_dict_mapping_payload_is_encoded():
 # -- message size ----------------------------------------------------------------------------
 
 
+# The widest message emit makes room for: CloudEvents with the longest source, replayed.
+WIDE = MessageFormat("s" * 1024, replay=True)
+
+
 def test_reserved_overhead_matches_the_real_attributes():
-    # The constant is what the outbox_ and trace attributes cost at most, minus the type's value.
-    doc = ev.build_document("T", b"", trace=_MAX_TRACE)
-    message = ev.message_from_document(doc)
-    reserved = {k: v for k, v in message.attributes.items() if k in ev.RESERVED_ATTRIBUTES}
-    assert len(reserved) == 5
-    cost = sum(len(k) + len(v) for k, v in reserved.items())
+    # The constant is what the added and trace attributes cost at most, minus the type's value
+    # (a str payload: its content-type is the longest one emit stores).
+    doc = ev.build_document("T", "", trace=_MAX_TRACE)
+    message = ev.message_from_document(doc, fmt=WIDE)
+    assert len(message.attributes) == 10
+    cost = sum(len(k) + len(v) for k, v in message.attributes.items())
     assert cost == ev._RESERVED_OVERHEAD + len("T")
+    assert ev.OUTBOX.overhead < ev._RESERVED_OVERHEAD
 
 
 def _max_data(event_type: str, key: str | None = None, attributes=None) -> int:
@@ -204,9 +210,9 @@ def _max_data(event_type: str, key: str | None = None, attributes=None) -> int:
 def test_message_at_the_size_limit_is_accepted():
     assert ev.MAX_MESSAGE_BYTES == 10_000_000
     n = _max_data("Big")
-    doc = ev.build_document("Big", b"x" * n, trace=_MAX_TRACE)
+    doc = ev.build_document("Big", "x" * n, trace=_MAX_TRACE)
     assert len(doc["payload"]) == n
-    assert _size(ev.message_from_document(doc)) == ev.MAX_MESSAGE_BYTES
+    assert _size(ev.message_from_document(doc, fmt=WIDE)) == ev.MAX_MESSAGE_BYTES
 
 
 def test_message_one_byte_over_the_limit_is_rejected():
@@ -220,8 +226,8 @@ def test_size_limit_counts_key_and_attribute_bytes_in_utf8():
     attributes = {"région": "东京"}  # 7 + 6 bytes
     n = _max_data("Big", key, attributes)
     assert n == ev.MAX_MESSAGE_BYTES - ev._RESERVED_OVERHEAD - 3 - 8 - 13
-    doc = ev.build_document("Big", b"x" * n, key=key, attributes=attributes, trace=_MAX_TRACE)
-    assert _size(ev.message_from_document(doc)) == ev.MAX_MESSAGE_BYTES
+    doc = ev.build_document("Big", "x" * n, key=key, attributes=attributes, trace=_MAX_TRACE)
+    assert _size(ev.message_from_document(doc, fmt=WIDE)) == ev.MAX_MESSAGE_BYTES
     with pytest.raises(ValidationError, match="10,000,001-byte"):
         ev.build_document("Big", b"x" * (n + 1), key=key, attributes=attributes)
 
@@ -235,7 +241,7 @@ def test_pubsub_request_chunks_stay_within_the_request_limit_in_utf8_bytes():
     # Same byte accounting as build_document: it is what Pub/Sub counts.
     from mongo_outbox.publishers._pubsub import _chunks
 
-    attributes = {f"k{i}": "é" * 512 for i in range(95)}  # 95 x 1026 bytes, 95 x 514 chars
+    attributes = {f"k{i}": "é" * 512 for i in range(90)}  # 90 x 1026 bytes, 90 x 514 chars
     doc = ev.build_document("T", b"x" * 8000, key="k", attributes=attributes, trace=_MAX_TRACE)
     messages = [ev.message_from_document(doc) for _ in range(300)]
     chunks = _chunks(messages, list(range(len(messages))))
@@ -247,17 +253,18 @@ def test_pubsub_request_chunks_stay_within_the_request_limit_in_utf8_bytes():
 # -- attributes ------------------------------------------------------------------------------
 
 
-def test_95_user_attributes_are_accepted_and_room_is_left_for_the_trace_context():
-    attributes = {f"a{i}": str(i) for i in range(95)}
-    doc = ev.build_document("T", b"x", attributes=attributes, trace=_MAX_TRACE)
+def test_90_user_attributes_are_accepted_and_room_is_left_for_every_added_attribute():
+    attributes = {f"a{i}": str(i) for i in range(90)}
+    doc = ev.build_document("T", "x", attributes=attributes, trace=_MAX_TRACE)
     assert doc["attributes"] == attributes
-    message = ev.message_from_document(doc)
+    assert len(ev.message_from_document(doc).attributes) == 95
+    message = ev.message_from_document(doc, fmt=WIDE)
     assert len(message.attributes) == ev.MAX_ATTRIBUTES == 100
 
 
-def test_96_user_attributes_are_rejected():
-    attributes = {f"a{i}": str(i) for i in range(96)}
-    with pytest.raises(ValidationError, match=r"96 attributes given.*allows 100.*at most 95"):
+def test_91_user_attributes_are_rejected():
+    attributes = {f"a{i}": str(i) for i in range(91)}
+    with pytest.raises(ValidationError, match=r"91 attributes given.*allows 100.*at most 90"):
         ev.build_document("T", b"x", attributes=attributes)
 
 
@@ -430,6 +437,7 @@ def test_build_document_fields():
         "status",
         "attempts",
         "slot",
+        "content_type",
     }
     assert isinstance(doc["_id"], ObjectId)
     assert doc["type"] == "OrderCreated"
@@ -578,7 +586,7 @@ def test_message_from_malformed_document_is_poison(doc, match):
 def test_message_from_document_over_the_size_limit_is_poison():
     doc = _doc(payload=b"x" * 11_000_000)
     size = len(doc["payload"]) + len("order-7") + len("tenant") + len("acme")
-    size += ev._OUTBOX_OVERHEAD + len("OrderCreated")  # read: the trace it has (none) counts
+    size += ev.OUTBOX.overhead + len("OrderCreated")  # read: the trace it has (none) counts
     with pytest.raises(
         PoisonEventError, match=rf"{size:,}-byte message; Pub/Sub accepts at most 10,000,000"
     ):
@@ -589,7 +597,7 @@ def test_message_from_document_at_the_size_limit_is_accepted():
     # emit reserves room for the longest trace context; the relay counts the one there is.
     doc = ev.build_document("Big", b"x" * _max_data("Big"))
     assert ev.message_from_document(doc).size < ev.MAX_MESSAGE_BYTES
-    doc["payload"] += b"x" * (ev._RESERVED_OVERHEAD - ev._OUTBOX_OVERHEAD)
+    doc["payload"] += b"x" * (ev._RESERVED_OVERHEAD - ev.OUTBOX.overhead)
     assert ev.message_from_document(doc).size == ev.MAX_MESSAGE_BYTES
     doc["payload"] += b"x"
     with pytest.raises(PoisonEventError, match="10,000,001-byte message"):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 from .._errors import ConfigurationError
+from .._formats import FORMATS, OUTBOX, MessageFormat, default_source
 from .._partition import SLOTS
 
 __all__ = ["RelayConfig"]
@@ -67,6 +69,19 @@ class RelayConfig:
     #: Partitions of the outbox shared by a group of relays of this ``name`` (1: one relay
     #: publishes everything, the others wait as standbys). Every relay of a name must agree.
     partitions: int = 1
+    #: "outbox" (attributes ``outbox_*``) or "cloudevents" (the CloudEvents Pub/Sub binding,
+    #: binary mode), and the latter's ``ce-source`` (default
+    #: ``mongo-outbox://<database>/<collection>``).
+    message_format: Literal["outbox", "cloudevents"] = "outbox"
+    cloudevents_source: str | None = None
+
+    @cached_property
+    def format(self) -> MessageFormat:
+        """The message format, checked."""
+        if self.message_format == "outbox":
+            return OUTBOX
+        source = self.cloudevents_source or default_source(self.database, self.collection)
+        return MessageFormat(source)
 
     def __post_init__(self) -> None:
         if not self.database:
@@ -83,3 +98,12 @@ class RelayConfig:
             raise ConfigurationError(f"partitions must be between 1 and {SLOTS}")
         if self.dead_key_policy not in ("release", "hold"):
             raise ConfigurationError("dead_key_policy must be 'release' or 'hold'")
+        if self.message_format not in FORMATS:
+            raise ConfigurationError(
+                f"message format {self.message_format!r} is unknown: use 'outbox' or 'cloudevents'"
+            )
+        if self.cloudevents_source is not None and self.message_format != "cloudevents":
+            raise ConfigurationError(
+                "a CloudEvents source applies only to --message-format cloudevents"
+            )
+        self.format  # noqa: B018 (checks the source now, not at the first event)

@@ -19,6 +19,7 @@ from bson.tz_util import utc as _BSON_UTC
 
 from .._errors import PoisonEventError
 from .._event import Message, attempts_of, message_from_document, utc_second
+from .._formats import OUTBOX, MessageFormat
 from ._slots import slot_of
 
 __all__ = ["Event", "Poison", "decode_batch", "decode_document", "event_from_raw", "to_event"]
@@ -93,13 +94,17 @@ def decode_batch(
 
 
 def to_event(
-    doc: dict[str, Any] | Poison, default_topic: str | None, size: int = 0
+    doc: dict[str, Any] | Poison,
+    default_topic: str | None,
+    size: int = 0,
+    fmt: MessageFormat = OUTBOX,
 ) -> Event | Poison:
-    """Turn a decoded outbox document into an :class:`Event` with its topic resolved."""
+    """Turn a decoded outbox document into an :class:`Event` in format ``fmt``, its topic
+    resolved."""
     if isinstance(doc, Poison):
         return doc
     try:
-        message = message_from_document(doc, default_topic)
+        message = message_from_document(doc, default_topic, fmt)
     except PoisonEventError as exc:
         slot = slot_of(doc, default_topic)
         return Poison(doc.get("_id"), attempts_of(doc), f"poison: {exc}", size, slot)
@@ -130,6 +135,8 @@ def _seconds(created: Any) -> float:
     return created.timestamp()
 
 
-def event_from_raw(raw: RawBSONDocument, default_topic: str | None) -> Event | Poison:
+def event_from_raw(
+    raw: RawBSONDocument, default_topic: str | None, fmt: MessageFormat = OUTBOX
+) -> Event | Poison:
     """Decode a raw outbox document and turn it into an :class:`Event` (or poison)."""
-    return to_event(decode_document(raw, default_topic), default_topic, len(raw.raw))
+    return to_event(decode_document(raw, default_topic), default_topic, len(raw.raw), fmt)

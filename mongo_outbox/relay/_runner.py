@@ -374,7 +374,7 @@ class Relay:
         return result
 
     def _convert(self, raw: RawBSONDocument) -> Event | Poison:
-        return event_from_raw(raw, self.config.default_topic)
+        return event_from_raw(raw, self.config.default_topic, self.config.format)
 
     def _consume(self, tailer: Tailer) -> float | None:
         """Take one batch from the stream and publish it; return the time of an idle mark."""

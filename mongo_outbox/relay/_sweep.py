@@ -99,7 +99,7 @@ class Sweeper:
                             after = sweep_position(partition, doc)
                         if isinstance(doc, dict) and not filt.admit(doc):
                             continue
-                        record = to_event(doc, config.default_topic, len(raw.raw))
+                        record = to_event(doc, config.default_topic, len(raw.raw), config.format)
                         batch.append(record)
                         size += record.size
                         if len(batch) >= config.batch_size or size >= config.max_batch_bytes:
