@@ -1,0 +1,259 @@
+"""Replay: publish already-published events again, for a consumer that lost its data.
+
+Replay reads the outbox and never writes to it: the events' status and bookkeeping stay as
+they are. Events go out in ``_id`` order (so in order per key), marked ``outbox_replay=1``,
+through the same :class:`~mongo_outbox.Publisher` and message format as the relay.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bson import ObjectId
+from bson.raw_bson import RawBSONDocument
+from pymongo.collection import Collection
+
+from ._errors import ConfigurationError, PoisonEventError, PublishError, TransientPublishError
+from ._event import STATUS_PUBLISHED, Message, check_topic, message_from_document
+from ._formats import MessageFormat
+from ._retention import parse_duration
+from ._store import PENDING_INDEX, RAW
+from .publishers import Publisher
+from .relay._decode import Poison, decode_document
+
+__all__ = ["Replay", "ReplayResult", "ReplaySelection", "parse_time"]
+
+# Events read and published together: bounded by count and by bytes (events reach 10 MB).
+_BATCH = 500
+_BATCH_BYTES = 16 * 1024 * 1024
+# A batch that keeps failing transiently is retried with backoff for this long, then given up.
+_RETRY_FOR = 120.0
+
+
+def parse_time(text: str, now: _dt.datetime | None = None) -> _dt.datetime:
+    """An ISO 8601 time (UTC unless it says otherwise) or a duration before ``now`` (``2h``)."""
+    text = text.strip()
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        pass
+    else:
+        return (now or _dt.datetime.now(_dt.timezone.utc)) - _dt.timedelta(seconds=seconds)
+    try:
+        value = _dt.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither an ISO 8601 time (2026-11-28T09:00:00Z) nor a duration "
+            "before now (90m, 2h, 7d)"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=_dt.timezone.utc)
+
+
+@dataclass(frozen=True)
+class ReplaySelection:
+    """Which published events to replay: all given conditions must hold (``created_at`` in
+    [since, until), one of the types, keys and ids when given)."""
+
+    since: _dt.datetime | None = None
+    until: _dt.datetime | None = None
+    types: Sequence[str] = ()
+    keys: Sequence[str] = ()
+    ids: Sequence[ObjectId] = ()
+
+    def __post_init__(self) -> None:
+        if not (self.since or self.until or self.types or self.keys or self.ids):
+            raise ConfigurationError(
+                "replay needs a selector: --since, --until, --type, --key or --id "
+                "(use --since with an old date to replay everything)"
+            )
+        if self.since and self.until and self.since >= self.until:
+            raise ConfigurationError("--since must be before --until")
+
+    def query(self) -> dict[str, Any]:
+        """The outbox query selecting these events."""
+        query: dict[str, Any] = {"status": STATUS_PUBLISHED}
+        created: dict[str, Any] = {}
+        ids: dict[str, Any] = {}
+        # An event's id is made just before its created_at, in the same process: an _id range
+        # a second wider than the time range lets the (status, _id) index do the selecting.
+        if self.since:
+            created["$gte"] = self.since
+            ids["$gte"] = ObjectId.from_datetime(self.since - _dt.timedelta(seconds=1))
+        if self.until:
+            created["$lt"] = self.until
+            ids["$lt"] = ObjectId.from_datetime(self.until + _dt.timedelta(seconds=1))
+        if created:
+            query["created_at"] = created
+        if self.ids:
+            ids["$in"] = list(self.ids)
+        if ids:
+            query["_id"] = ids
+        if self.types:
+            query["type"] = {"$in": list(self.types)}
+        if self.keys:
+            query["key"] = {"$in": list(self.keys)}
+        return query
+
+
+@dataclass
+class ReplayResult:
+    """What a replay did."""
+
+    #: Events published again.
+    published: int = 0
+    #: Events that cannot be published (their reasons in ``skipped_reasons``, a few kept).
+    skipped: int = 0
+    skipped_reasons: list[str] = field(default_factory=list)
+    #: The last event published (in ``_id`` order: everything before it went too).
+    last_id: ObjectId | None = None
+    #: Set when stopped before the end (``stop``), or the publish failure that ended it.
+    interrupted: bool = False
+    error: PublishError | None = None
+
+
+class Replay:
+    """Replays the events of ``selection`` from ``collection`` through ``publisher``.
+
+    ``to_topic`` sends everything to one topic instead of each event's own (events without a
+    topic go to ``default_topic``); ``rate`` caps events per second; ``fmt`` is the message
+    format (its replay mark is added). ``on_progress(done, total)`` is called after each batch.
+    """
+
+    def __init__(
+        self,
+        collection: Collection[Any],
+        publisher: Publisher,
+        selection: ReplaySelection,
+        *,
+        fmt: MessageFormat | None = None,
+        to_topic: str | None = None,
+        default_topic: str | None = None,
+        rate: float | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Any] = time.sleep,
+    ) -> None:
+        if rate is not None and not rate > 0:
+            raise ConfigurationError(
+                f"--rate must be a positive number of events per second, not {rate}"
+            )
+        self._collection = collection
+        self._publisher = publisher
+        self.selection = selection
+        self._fmt = MessageFormat(fmt.cloudevents_source if fmt else None, replay=True)
+        self._to_topic = check_topic(to_topic)
+        self._default_topic = check_topic(default_topic)
+        self._rate = rate
+        self._on_progress = on_progress
+        self._clock = clock
+        self._sleep = sleep
+
+    def count_by_topic(self) -> dict[str, int]:
+        """How many events the selection holds per destination topic (what ``--dry-run``
+        shows); events with nowhere to go are counted under ``""``."""
+        pipeline: list[Mapping[str, Any]] = [
+            {"$match": self.selection.query()},
+            {"$group": {"_id": "$topic", "n": {"$sum": 1}}},
+        ]
+        counts: dict[str, int] = {}
+        for row in self._collection.aggregate(pipeline, hint=PENDING_INDEX):
+            topic = self._to_topic or (row["_id"] if isinstance(row["_id"], str) else None)
+            name = topic or self._default_topic or ""
+            counts[name] = counts.get(name, 0) + row["n"]
+        return counts
+
+    def run(self, stop: threading.Event | None = None) -> ReplayResult:
+        """Publish the selection again; return what was done (a permanent failure, or
+        transient ones for two minutes, end it with ``error`` set)."""
+        stop = stop or threading.Event()
+        total = sum(self.count_by_topic().values())
+        result = ReplayResult()
+        started = self._clock()
+        done = 0
+        for batch in self._batches(result):
+            if stop.is_set():
+                result.interrupted = True
+                break
+            if self._rate:
+                wait = started + done / self._rate - self._clock()
+                if wait > 0:
+                    self._sleep(wait)
+            sent, error = self._publish(batch, stop)
+            done += sent
+            result.published += sent
+            if error is not None:
+                result.error, result.interrupted = error, True
+                break
+            result.last_id = batch[-1].event_id
+            if self._on_progress:
+                self._on_progress(done + result.skipped, total)
+        return result
+
+    def _batches(self, result: ReplayResult) -> Iterator[list[Message]]:
+        limit = _BATCH if not self._rate else max(1, min(_BATCH, int(self._rate)))
+        raws: Collection[RawBSONDocument] = self._collection.with_options(codec_options=RAW)
+        cursor = raws.find(self.selection.query(), sort=[("_id", 1)], hint=PENDING_INDEX)
+        batch: list[Message] = []
+        size = 0
+        with cursor:
+            for raw in cursor:
+                message = self._message(raw, result)
+                if message is None:
+                    continue
+                batch.append(message)
+                size += len(raw.raw)
+                if len(batch) >= limit or size >= _BATCH_BYTES:
+                    yield batch
+                    batch, size = [], 0
+        if batch:
+            yield batch
+
+    def _message(self, raw: RawBSONDocument, result: ReplayResult) -> Message | None:
+        doc = decode_document(raw)
+        event_id = doc.event_id if isinstance(doc, Poison) else doc.get("_id")
+        try:
+            if isinstance(doc, Poison):
+                raise PoisonEventError(doc.reason)
+            message = message_from_document(doc, self._default_topic, self._fmt)
+            if self._to_topic is not None:
+                message = Message(
+                    message.event_id,
+                    self._to_topic,
+                    message.data,
+                    message.ordering_key,
+                    message.attributes,
+                    message.size,
+                )
+            elif message.topic is None:
+                raise PoisonEventError("it has no topic: give --default-topic or --to-topic")
+        except PoisonEventError as exc:
+            result.skipped += 1
+            if len(result.skipped_reasons) < 10:
+                result.skipped_reasons.append(f"{event_id}: {exc}")
+            return None
+        return message
+
+    def _publish(
+        self, batch: list[Message], stop: threading.Event
+    ) -> tuple[int, PublishError | None]:
+        """Publish ``batch``, retrying what failed transiently (in order: the publisher fails
+        a key's later messages after its first failure, so retrying keeps per-key order).
+        Return how many were confirmed, and the error that ended it early."""
+        delay, deadline, sent = 0.5, self._clock() + _RETRY_FOR, 0
+        while True:
+            results = self._publisher.publish(batch)
+            failed = [(m, e) for m, e in zip(batch, results, strict=True) if e is not None]
+            sent += len(batch) - len(failed)
+            if not failed:
+                return sent, None
+            permanent = [e for _, e in failed if not isinstance(e, TransientPublishError)]
+            if permanent or self._clock() >= deadline or stop.is_set():
+                return sent, (permanent or [failed[0][1]])[0]
+            batch = [m for m, _ in failed]
+            self._sleep(delay)
+            delay = min(delay * 2, 10.0)

@@ -1,0 +1,217 @@
+"""Replay: published events sent again, in per-key order, marked, the outbox untouched."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from typing import Any
+
+import pytest
+from bson import ObjectId
+
+from mongo_outbox import ConfigurationError, InMemoryPublisher, outbox_transaction
+from mongo_outbox._formats import MessageFormat
+from mongo_outbox._replay import Replay, ReplaySelection, parse_time
+from mongo_outbox.publishers import PubSubPublisher
+
+UTC = dt.timezone.utc
+
+
+def _write(client: Any, db: str, topic: str | None, count: int, start: int = 0) -> list[ObjectId]:
+    ids = []
+    for n in range(start, start + count, 5):
+        with outbox_transaction(client, database=db) as tx:
+            for i in range(n, min(n + 5, start + count)):
+                event_type = "OrderCreated" if i % 2 == 0 else "OrderPaid"
+                ids.append(tx.emit(event_type, {"n": i}, topic=topic, key=f"key-{i % 4}"))
+    return ids
+
+
+def _publish_all(client: Any, db: str, relay_factory: Any, **config: Any) -> None:
+    runner = relay_factory(db, start=False, **config)
+    runner.relay.run_once()
+    assert client[db].outbox.count_documents({"status": {"$ne": "published"}}) == 0
+
+
+def _outbox(client: Any, db: str) -> list[dict[str, Any]]:
+    return list(client[db].outbox.find().sort("_id", 1))
+
+
+def _per_key(messages: list[Any]) -> dict[str, list[str]]:
+    order: dict[str, list[str]] = defaultdict(list)
+    for m in messages:
+        order[m.ordering_key].append(m.attributes["outbox_event_id"])
+    return dict(order)
+
+
+def test_replay_by_type_and_by_time_range(client, db_name, pubsub, relay_factory):
+    topic, sub = pubsub.topic()
+    first = _write(client, db_name, topic, 50)
+    second = _write(client, db_name, topic, 50, start=50)
+    _publish_all(client, db_name, relay_factory)
+    assert len(sub.pull_until(100)) == 100
+    before = _outbox(client, db_name)
+    docs = {d["_id"]: d for d in before}
+    publisher = PubSubPublisher(pubsub.project)
+    try:
+        # By type.
+        sub.received.clear()
+        result = Replay(
+            client[db_name].outbox, publisher, ReplaySelection(types=["OrderPaid"])
+        ).run()
+        paid = [i for i in first + second if docs[i]["type"] == "OrderPaid"]
+        assert result.published == len(paid) == 50
+        assert result.last_id == paid[-1]
+        got = sub.pull_until(50)
+        assert all(m.attributes["outbox_replay"] == "1" for m in got)
+        assert all(m.attributes["outbox_event_type"] == "OrderPaid" for m in got)
+        expected = defaultdict(list)
+        for i in paid:
+            expected[docs[i]["key"]].append(str(i))
+        assert _per_key(got) == dict(expected)
+        for m in got:
+            assert m.data == docs[ObjectId(m.attributes["outbox_event_id"])]["payload"]
+
+        # By time range: from the first event of the second half (whatever shares its
+        # millisecond comes too).
+        sub.received.clear()
+        boundary = docs[second[0]]["created_at"]
+        in_range = [i for i in first + second if docs[i]["created_at"] >= boundary]
+        assert set(second) <= set(in_range) < set(first + second)
+        result = Replay(client[db_name].outbox, publisher, ReplaySelection(since=boundary)).run()
+        assert result.published == len(in_range)
+        got = sub.pull_until(len(in_range))
+        expected = defaultdict(list)
+        for i in in_range:
+            expected[docs[i]["key"]].append(str(i))
+        assert _per_key(got) == dict(expected)
+
+        sub.received.clear()
+        result = Replay(client[db_name].outbox, publisher, ReplaySelection(until=boundary)).run()
+        assert result.published == 100 - len(in_range)
+        assert {m.attributes["outbox_event_id"] for m in sub.pull_until(result.published)} == {
+            str(i) for i in first + second if i not in in_range
+        }
+    finally:
+        publisher.close()
+    assert _outbox(client, db_name) == before  # status and bookkeeping untouched
+
+
+def test_replay_in_cloudevents_to_another_topic(client, db_name, pubsub, relay_factory):
+    topic, _ = pubsub.topic()
+    other, sub = pubsub.topic()
+    ids = _write(client, db_name, topic, 10)
+    _publish_all(client, db_name, relay_factory)
+    publisher = PubSubPublisher(pubsub.project)
+    try:
+        result = Replay(
+            client[db_name].outbox,
+            publisher,
+            ReplaySelection(keys=["key-1"]),
+            fmt=MessageFormat("urn:shop"),
+            to_topic=other,
+        ).run()
+    finally:
+        publisher.close()
+    key_1 = [str(i) for n, i in enumerate(ids) if n % 4 == 1]
+    assert result.published == len(key_1)
+    got = sub.pull_until(len(key_1))
+    assert [m.attributes["ce-id"] for m in got] == key_1
+    assert {m.attributes["outbox_replay"] for m in got} == {"1"}
+    assert {m.attributes["ce-source"] for m in got} == {"urn:shop"}
+
+
+def test_only_published_events_are_replayed_and_ids_select(client, db_name):
+    ids = _write(client, db_name, "orders", 6)
+    client[db_name].outbox.update_many({"_id": {"$in": ids[:4]}}, {"$set": {"status": "published"}})
+    client[db_name].outbox.update_one({"_id": ids[0]}, {"$set": {"status": "dead"}})
+    publisher = InMemoryPublisher()
+    replay = Replay(client[db_name].outbox, publisher, ReplaySelection(ids=ids))
+    assert replay.count_by_topic() == {"orders": 3}
+    assert replay.run().published == 3
+    assert [m.event_id for m in publisher.messages] == ids[1:4]
+
+
+def test_rate_paces_batches(client, db_name):
+    ids = _write(client, db_name, "orders", 30)
+    client[db_name].outbox.update_many({}, {"$set": {"status": "published"}})
+    now = [0.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    publisher = InMemoryPublisher()
+    result = Replay(
+        client[db_name].outbox,
+        publisher,
+        ReplaySelection(ids=ids),
+        rate=10,
+        clock=lambda: now[0],
+        sleep=sleep,
+    ).run()
+    assert result.published == 30
+    assert publisher.calls == 3  # a second's worth at a time
+    assert sleeps == [1.0, 1.0]
+
+
+def test_transient_failures_are_retried_and_a_permanent_one_stops(client, db_name):
+    ids = _write(client, db_name, "orders", 8)
+    client[db_name].outbox.update_many({}, {"$set": {"status": "published"}})
+    publisher = InMemoryPublisher()
+    publisher.fail_topic("orders", transient=True)
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        publisher.heal_topic("orders")
+
+    result = Replay(client[db_name].outbox, publisher, ReplaySelection(ids=ids), sleep=sleep).run()
+    assert (result.published, result.error, len(sleeps)) == (8, None, 1)
+    assert [m.event_id for m in publisher.messages] == ids
+
+    publisher = InMemoryPublisher()
+    publisher.fail_topic("orders")
+    result = Replay(client[db_name].outbox, publisher, ReplaySelection(ids=ids)).run()
+    assert result.published == 0
+    assert result.interrupted
+    assert "refused" in str(result.error)
+
+
+def test_an_unpublishable_event_is_skipped_with_its_reason(client, db_name):
+    ids = _write(client, db_name, None, 3)
+    client[db_name].outbox.update_many({}, {"$set": {"status": "published"}})
+    client[db_name].outbox.update_one({"_id": ids[1]}, {"$set": {"payload": "not bytes"}})
+    publisher = InMemoryPublisher()
+    result = Replay(
+        client[db_name].outbox, publisher, ReplaySelection(ids=ids), default_topic="orders"
+    ).run()
+    assert result.published == 2
+    assert result.skipped == 1
+    assert "payload" in result.skipped_reasons[0]
+    assert str(ids[1]) in result.skipped_reasons[0]
+    result = Replay(client[db_name].outbox, InMemoryPublisher(), ReplaySelection(ids=ids)).run()
+    assert result.skipped == 3
+    assert "--default-topic or --to-topic" in result.skipped_reasons[0]
+
+
+def test_a_selector_is_required():
+    with pytest.raises(ConfigurationError, match="needs a selector"):
+        ReplaySelection()
+    with pytest.raises(ConfigurationError, match="--since must be before --until"):
+        ReplaySelection(
+            since=dt.datetime(2026, 1, 2, tzinfo=UTC), until=dt.datetime(2026, 1, 1, tzinfo=UTC)
+        )
+
+
+def test_parse_time():
+    now = dt.datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+    assert parse_time("2h", now) == dt.datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
+    assert parse_time("1d12h", now) == dt.datetime(2026, 11, 27, 0, 0, tzinfo=UTC)
+    assert parse_time("2026-11-28T09:30:00Z") == dt.datetime(2026, 11, 28, 9, 30, tzinfo=UTC)
+    assert parse_time("2026-11-28T09:30:00") == dt.datetime(2026, 11, 28, 9, 30, tzinfo=UTC)
+    assert parse_time("2026-11-28T10:30:00+01:00") == dt.datetime(2026, 11, 28, 9, 30, tzinfo=UTC)
+    assert parse_time("2026-11-28") == dt.datetime(2026, 11, 28, tzinfo=UTC)
+    with pytest.raises(ValueError, match="neither an ISO 8601 time"):
+        parse_time("yesterday")
