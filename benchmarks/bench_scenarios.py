@@ -101,9 +101,12 @@ def _mongo_outbox_exe() -> str:
     return found
 
 
-def _relay(client: MongoClient[Any], database: str, topic: str) -> tuple[Relay, PubSubPublisher]:
+def _relay(
+    client: MongoClient[Any], database: str, topic: str, **config: Any
+) -> tuple[Relay, PubSubPublisher]:
     publisher = PubSubPublisher(PROJECT)
-    return Relay(client, publisher, RelayConfig(database=database, default_topic=topic)), publisher
+    settings = RelayConfig(database=database, default_topic=topic, **config)
+    return Relay(client, publisher, settings), publisher
 
 
 # -- throughput ----------------------------------------------------------------------------
@@ -257,10 +260,12 @@ def drain(bench: Bench, cfg: Config, rnd: int) -> Metrics:
     }
 
 
-def _drain_in_process(bench: Bench, db: str, topic: str) -> tuple[int, float, float, Any, Any]:
+def _drain_in_process(
+    bench: Bench, db: str, topic: str, **config: Any
+) -> tuple[int, float, float, Any, Any]:
     relay_client: MongoClient[Any] = MongoClient(bench.mongo.uri, tz_aware=True)
     relay_client.admin.command("ping")
-    relay, publisher = _relay(relay_client, db, topic)
+    relay, publisher = _relay(relay_client, db, topic, **config)
     try:
         started_wall = utcnow()
         cpu0 = _cpu_self()
@@ -761,6 +766,23 @@ def group(bench: Bench, cfg: Config, rnd: int) -> Metrics:
     return metrics
 
 
+def formats(bench: Bench, cfg: Config, rnd: int) -> Metrics:
+    """``Relay.run_once`` on N pending events in the outbox format and in the CloudEvents one,
+    one after the other in this process (which goes first alternates by round)."""
+    metrics: Metrics = {}
+    order = ["outbox", "cloudevents"] if rnd % 2 == 0 else ["cloudevents", "outbox"]
+    for fmt in order:
+        with bench.database(f"fmt-{fmt}") as db, bench.topic(f"fmt-{fmt}") as (topic, _):
+            write_backlog(bench.mongo_client, db, cfg.n)
+            published, elapsed, cpu, _, _ = _drain_in_process(bench, db, topic, message_format=fmt)
+            if published != cfg.n:
+                raise BenchError(f"formats: the relay published {published} of {cfg.n}")
+        metrics[f"formats_{fmt}"] = cfg.n / elapsed
+        metrics[f"formats_cpu_{fmt}"] = cpu / cfg.n * US
+    metrics["formats_ratio"] = metrics["formats_cpu_cloudevents"] / metrics["formats_cpu_outbox"]
+    return metrics
+
+
 # -- consume -------------------------------------------------------------------------------
 
 
@@ -873,4 +895,5 @@ SCENARIOS: dict[str, Callable[[Bench, Config, int], Metrics]] = {
     "restart": restart,
     "group": group,
     "consume": consume,
+    "formats": formats,
 }

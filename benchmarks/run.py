@@ -81,6 +81,11 @@ ROWS: list[tuple[str, str, str, str, int]] = [
     ("consume_ratio", "consume", "  inbox / plain, time per message", "x", 2),
     ("consume_cpu_inbox", "consume", "  inbox, CPU per message", "µs", 1),
     ("consume_cpu_plain", "consume", "  plain, CPU per message", "µs", 1),
+    ("formats_outbox", "formats", "run_once, outbox format", "ev/s", 0),
+    ("formats_cloudevents", "formats", "run_once, CloudEvents format", "ev/s", 0),
+    ("formats_cpu_outbox", "formats", "  CPU per event, outbox", "µs", 1),
+    ("formats_cpu_cloudevents", "formats", "  CPU per event, CloudEvents", "µs", 1),
+    ("formats_ratio", "formats", "  CloudEvents / outbox, CPU", "x", 2),
 ]
 
 
