@@ -24,6 +24,7 @@ from pymongo.write_concern import WriteConcern
 
 from ._errors import ConfigurationError
 from ._event import ATTR_EVENT_ID, ATTR_EVENT_TYPE, utcnow
+from ._formats import CE_TYPE
 from ._transaction import (
     OutboxTransaction,
     _database_name,
@@ -121,7 +122,8 @@ class Inbox:
             "processed_at": utcnow(),
             "message_id": message.message_id,
         }
-        event_type = message.attributes.get(ATTR_EVENT_TYPE)
+        # The outbox format's type, else the CloudEvents format's.
+        event_type = message.attributes.get(ATTR_EVENT_TYPE) or message.attributes.get(CE_TYPE)
         if event_type is not None:
             record["type"] = event_type
         return record

@@ -67,6 +67,19 @@ def test_process_runs_the_handler_once_per_event(client, db_name, inbox):
     assert (inbox.stats.processed, inbox.stats.duplicates, inbox.stats.failed) == (1, 1, 0)
 
 
+def test_a_cloudevents_message_is_recorded_with_its_type_and_deduplicated(client, db_name, inbox):
+    def cloudevent(message_id: str) -> Any:
+        message = _message(message_id=message_id)
+        attributes = {"outbox_event_id": "65f000000000000000000001", "ce-type": "OrderPaid"}
+        return SimpleNamespace(**{**vars(message), "attributes": attributes})
+
+    handle = _record_effect(client, db_name)
+    assert inbox.process(cloudevent("m1"), handle) is True
+    assert inbox.process(cloudevent("m2"), handle) is False
+    assert len(_effects(client, db_name)) == 1
+    assert client[db_name].inbox.find_one()["type"] == "OrderPaid"
+
+
 def test_another_consumer_processes_the_same_event_too(client, db_name, inbox):
     other = Inbox(client, database=db_name, consumer="shipping")
     handle = _record_effect(client, db_name)
