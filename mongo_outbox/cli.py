@@ -346,8 +346,20 @@ def _parse(argv: Sequence[str] | None) -> Args | int:
         guess = f"; did you mean {' or '.join(exc.possibilities)}?" if exc.possibilities else ""
         _fail(EXIT_CONFIG, f"unrecognized arguments: {exc.option_name}{guess} {_see_help(exc)}")
     except click.ClickException as exc:
+        if isinstance(exc, click.BadParameter):
+            _name_the_source(exc)
         _fail(exc.exit_code, f"{exc.format_message()} {_see_help(exc)}")
     return result if isinstance(result, Args) else int(result or 0)
+
+
+def _name_the_source(exc: click.BadParameter) -> None:
+    """Name where an option's bad value came from: its flag, or its environment variable."""
+    param, ctx = exc.param, exc.ctx
+    if isinstance(param, click.Option) and param.name and ctx is not None:
+        if ctx.get_parameter_source(param.name) is ParameterSource.ENVIRONMENT:
+            exc.param_hint = param.envvar if isinstance(param.envvar, str) else str(param.envvar)
+        else:
+            exc.param_hint = param.opts
 
 
 def _see_help(exc: click.ClickException) -> str:
