@@ -19,12 +19,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 from helpers import free_port
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
-from mongo_outbox import ConfigurationError, ConnectError, cli
+from mongo_outbox import ConfigurationError, ConnectError, _cli_commands, cli
 from mongo_outbox import _event as ev
 from mongo_outbox._retention import INBOX_TTL_INDEX, OUTBOX_TTL_INDEX
 from mongo_outbox._store import PENDING_INDEX, SLOT_INDEX, OutboxStore, state_collection_name
@@ -110,7 +111,7 @@ def test_help_from_the_real_command(script):
         assert shutil.which("mongo-outbox", path=str(Path(sys.executable).parent))
     result = _run("--help", script=script)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("usage: mongo-outbox")
+    assert result.stdout.startswith("Usage: mongo-outbox")
     for command in COMMANDS:
         assert command in result.stdout
 
@@ -134,7 +135,7 @@ def test_relay_help_lists_the_contract_flags(capsys):
 def test_no_command_prints_help_and_returns_2(capsys):
     assert main([]) == 2
     out, _ = capsys.readouterr()
-    assert out.startswith("usage: mongo-outbox")
+    assert out.startswith("Usage: mongo-outbox")
     for command in COMMANDS:
         assert command in out
 
@@ -142,7 +143,7 @@ def test_no_command_prints_help_and_returns_2(capsys):
 def test_no_command_as_a_process():
     result = _run()
     assert result.returncode == 2
-    assert "usage: mongo-outbox" in result.stdout
+    assert "Usage: mongo-outbox" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -814,10 +815,10 @@ def test_connection_failures_are_library_errors(closed_port):
     uri = f"mongodb://127.0.0.1:{closed_port}/?serverSelectionTimeoutMS=500"
     args = parse_args(["status", "--mongo-uri", uri, "--database", "d", "--connect-timeout", "1"])
     with pytest.raises(ConnectError, match=f"cannot connect to MongoDB at .*:{closed_port}"):
-        cli._connect(args)
+        _cli_commands.connect(args)
     args = parse_args(["init", "--mongo-uri", "notmongo://x", "--database", "d"])
     with pytest.raises(ConfigurationError, match="invalid MongoDB URI"):
-        cli._connect(args)
+        _cli_commands.connect(args)
 
 
 # -- version, help, log flags ----------------------------------------------------------------
@@ -849,13 +850,31 @@ def test_every_command_has_a_description(command, capsys):
     assert not description.startswith(("positional arguments", "options")), out
 
 
+@pytest.mark.parametrize("command", ["", *sorted(cli.cli.commands)])
+def test_help_of_every_command_shows_the_variable_of_every_option(command, capsys):
+    group = cli.cli
+    code, out, _ = _exit_code([command, "--help"] if command else ["--help"], capsys)
+    assert code == 0
+    flat = " ".join(out.split())  # an option's help may wrap anywhere
+    options = [
+        p
+        for p in (group.commands[command] if command else group).params
+        if isinstance(p, click.Option) and p.expose_value  # not --version
+    ]
+    assert options
+    for option in options:
+        flag = option.opts[0]
+        env = "MONGO_OUTBOX_" + flag.removeprefix("--").replace("-", "_").upper()
+        assert f"[env var: {env}" in flat, (flag, out)
+
+
 def test_checkpoint_promises_only_what_it_offers(capsys):
     _, top, _ = _exit_code(["--help"], capsys)
     _, out, _ = _exit_code(["checkpoint", "--help"], capsys)
     for text in (top, out):
         if "inspect" in text:
             assert "show" in text
-    assert "{show,reset}" in out
+    assert "[show|reset]" in out
 
 
 @pytest.mark.parametrize(
@@ -1007,7 +1026,7 @@ def test_status_check_fails_on_dead_events(mongodb_uri, db_name, client, capsys)
     code, _, err = _exit_code(base, capsys)
     assert code == 0, err  # without --check the status is only shown
     code, out, _ = _exit_code([*base, "--check"], capsys)
-    assert code == cli.EXIT_CHECK == 4
+    assert code == _cli_commands.EXIT_CHECK == 4
     assert "check failed: 1 dead event" in out
     assert "mongo-outbox requeue" in out
     result = _run(*base, "--check", "--json")
