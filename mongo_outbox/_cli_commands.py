@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -9,7 +10,10 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
+import time
+from collections.abc import Iterator
 from types import FrameType, SimpleNamespace
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -483,6 +487,8 @@ def relay(args: Args) -> int:
             lease_ttl=args.lease_ttl,
             dead_key_policy=args.dead_key_policy,
             partitions=args.partitions,
+            message_format=args.message_format,
+            cloudevents_source=args.cloudevents_source,
         )
         if args.default_topic is not None:
             from ._event import check_topic
@@ -517,7 +523,6 @@ def relay(args: Args) -> int:
         # (its passes over these objects cost about 2 us per event).
         gc.freeze()
         stop = threading.Event()
-        _install_signal_handlers(stop)
         log.info(
             "relaying %s.%s to project %s as %r",
             args.database,
@@ -525,7 +530,8 @@ def relay(args: Args) -> int:
             args.project,
             args.name,
         )
-        relay.run(stop)
+        with _stopped_by_signals(stop):
+            relay.run(stop)
         log.info("stopped after publishing %d events", relay.stats.published)
         return EXIT_OK
     finally:
@@ -535,7 +541,97 @@ def relay(args: Args) -> int:
         client.close()
 
 
-def _install_signal_handlers(stop: threading.Event) -> None:
+def replay(args: Args) -> int:
+    from ._formats import message_format
+    from ._replay import Replay, ReplaySelection, parse_time
+    from .publishers import PubSubPublisher
+
+    try:
+        selection = ReplaySelection(
+            since=parse_time(args.since) if args.since else None,
+            until=parse_time(args.until) if args.until else None,
+            types=[args.type] if args.type else (),
+            keys=[args.key] if args.key else (),
+            ids=[v for i in args.id or () for v in _id_values(i)],
+        )
+        fmt = message_format(
+            args.message_format, args.cloudevents_source, args.database or "-", args.collection
+        )
+    except ValueError as exc:
+        raise CommandError(EXIT_CONFIG, f"bad replay setting: {exc}") from exc
+    if not args.project and not args.dry_run:
+        raise CommandError(
+            EXIT_CONFIG, "no Google Cloud project: pass --project or set MONGO_OUTBOX_PROJECT"
+        )
+    client = connect(args)
+    publisher = PubSubPublisher(args.project or "-")
+    progress = _Progress() if sys.stderr.isatty() else None
+    try:
+        collection = _existing_outbox(client, args).outbox
+        run = Replay(
+            collection,
+            publisher,
+            selection,
+            fmt=fmt,
+            to_topic=args.to_topic,
+            default_topic=args.default_topic,
+            rate=args.rate,
+            on_progress=progress,
+        )
+        counts = run.count_by_topic()
+        if args.dry_run:
+            total = sum(counts.values())
+            per_topic = ", ".join(f"{t or '(no topic)'} {n}" for t, n in sorted(counts.items()))
+            print(
+                f"would replay {total} event{'s' if total != 1 else ''}"
+                + (f": {per_topic}" if per_topic else "")
+            )
+            return EXIT_OK
+        stop = threading.Event()
+        started = time.monotonic()
+        with _stopped_by_signals(stop):
+            result = run.run(stop)
+    finally:
+        publisher.close()
+        client.close()
+    if progress is not None:
+        progress.end()
+    rate = result.published / max(time.monotonic() - started, 1e-9)
+    print(
+        f"replayed {result.published} event{'s' if result.published != 1 else ''} ({rate:,.0f}/s)"
+    )
+    for reason in result.skipped_reasons:
+        log.warning("skipped %s", reason)
+    if result.skipped:
+        print(f"skipped {result.skipped} that cannot be published (reasons in the log)")
+    if result.error is not None or result.interrupted:
+        last = f"; the last replayed event is {result.last_id}" if result.last_id else ""
+        why = f"publishing failed: {result.error}" if result.error else "interrupted"
+        raise CommandError(EXIT_UNEXPECTED, f"replay stopped, {why}{last}")
+    return EXIT_OK
+
+
+class _Progress:
+    """``replayed N of M`` on one terminal line, redrawn at most five times a second."""
+
+    def __init__(self) -> None:
+        self._started = self._shown = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self._shown >= 0.2 or done == total:
+            self._shown = now
+            rate = done / max(now - self._started, 1e-9)
+            sys.stderr.write(f"\rreplayed {done:,} of {total:,} events ({rate:,.0f}/s) ")
+            sys.stderr.flush()
+
+    def end(self) -> None:
+        sys.stderr.write("\n")
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM/SIGINT set ``stop`` (a second one exits at once) until the block ends."""
     received: list[int] = []
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -547,8 +643,14 @@ def _install_signal_handlers(stop: threading.Event) -> None:
         # Not stop.set() here: the main thread may hold the event's lock at this very moment.
         threading.Thread(target=stop.set, name="outbox-stop").start()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    previous = [(s, signal.getsignal(s)) for s in (signal.SIGTERM, signal.SIGINT)]
+    for signum, _ in previous:
+        signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous:
+            signal.signal(signum, old)
 
 
 def demo(args: Args) -> int:

@@ -23,6 +23,7 @@ __all__ = [
     "FORMATS",
     "MessageFormat",
     "default_source",
+    "message_format",
 ]
 
 FORMATS = ("outbox", "cloudevents")
@@ -112,5 +113,24 @@ class MessageFormat:
 
 
 OUTBOX = MessageFormat()
+
+
+def message_format(
+    name: str, cloudevents_source: str | None, database: str, collection: str
+) -> MessageFormat:
+    """The format ``--message-format name`` (and ``--cloudevents-source``) select, checked."""
+    if name not in FORMATS:
+        raise ConfigurationError(
+            f"message format {name!r} is unknown: use 'outbox' or 'cloudevents'"
+        )
+    if cloudevents_source is not None and name != "cloudevents":
+        raise ConfigurationError(
+            "--cloudevents-source applies only to --message-format cloudevents"
+        )
+    if name == "outbox":
+        return OUTBOX
+    return MessageFormat(cloudevents_source or default_source(database, collection))
+
+
 #: What ``emit`` reserves room for: the larger format, replayed, with the longest source.
 WIDEST = MessageFormat("x" * MAX_SOURCE_BYTES, replay=True)

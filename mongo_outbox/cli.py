@@ -31,6 +31,7 @@ from ._cli_commands import (
     redact_uri,
 )
 from ._errors import ConfigurationError, ConnectError
+from ._formats import FORMATS
 from ._logging import LOG_FORMATS, cli_logging, redact
 
 __all__ = ["main", "parse_args", "redact_uri"]
@@ -120,6 +121,23 @@ MONGO_OPTIONS = [
     ),
 ]
 NAME = _option("--name", "relay name: its lease and checkpoint", default="default")
+PUBLISH_OPTIONS = [
+    _option("--project", "Google Cloud project of the topics", fallback_env="GOOGLE_CLOUD_PROJECT"),
+    _option("--default-topic", "topic for events emitted without one"),
+    _option(
+        "--message-format",
+        "outbox: outbox_* attributes; cloudevents: the CloudEvents Pub/Sub binding, binary mode "
+        "(ce-* attributes)",
+        type=click.Choice(FORMATS),
+        default="outbox",
+        metavar="FORMAT",
+    ),
+    _option(
+        "--cloudevents-source",
+        "ce-source of the cloudevents format [default: mongo-outbox://<database>/<collection>]",
+        metavar="URI",
+    ),
+]
 JSON = _flag("--json", "print JSON")
 DEAD_FILTERS = [  # all given must match
     _option(
@@ -188,8 +206,7 @@ _command(
     "per key. SIGTERM/SIGINT: finish the batch, checkpoint, exit 0; a second signal exits at "
     "once. PUBSUB_EMULATOR_HOST is honoured.",
     *MONGO_OPTIONS,
-    _option("--project", "Google Cloud project of the topics", fallback_env="GOOGLE_CLOUD_PROJECT"),
-    _option("--default-topic", "topic for events emitted without one"),
+    *PUBLISH_OPTIONS,
     NAME,
     _flag("--create-topics", "create missing topics instead of failing their events"),
     _flag("--once", "publish what is pending and what has been committed, then exit"),
@@ -321,6 +338,23 @@ _command(
     *MONGO_OPTIONS,
     *DEAD_FILTERS,
     _flag("--all", "every dead event"),
+)
+_command(
+    commands.replay,
+    "publish already-published events again",
+    "Publish published events again, to their topic or --to-topic, in _id order (so in order "
+    "per key), with the attribute outbox_replay=1, for a consumer that lost its data. Select "
+    "them by --since/--until (of created_at), --type, --key and --id (all given must match; at "
+    "least one is required). Their outbox documents are only read. Ctrl-C stops after the "
+    "batch in flight.",
+    *MONGO_OPTIONS,
+    *PUBLISH_OPTIONS,
+    _option("--since", "from this time: ISO 8601 (UTC unless it says) or a duration ago (2h)"),
+    _option("--until", "before this time: ISO 8601 or a duration ago"),
+    *DEAD_FILTERS[:3],
+    _option("--to-topic", "publish every event to this topic instead of its own"),
+    _option("--rate", "most events published per second", type=_FLOAT, metavar="EVENTS"),
+    _flag("--dry-run", "count the events per topic; publish nothing"),
 )
 _command(
     commands.demo,

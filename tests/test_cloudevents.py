@@ -172,7 +172,7 @@ def test_the_relay_sets_such_a_document_dead_and_goes_on(client, db_name, pubsub
 def test_relay_config_checks_the_format_at_once():
     with pytest.raises(ConfigurationError, match="unknown"):
         RelayConfig(database="d", message_format="xml")  # type: ignore[arg-type]
-    with pytest.raises(ConfigurationError, match="only to --message-format cloudevents"):
+    with pytest.raises(ConfigurationError, match="applies only to --message-format cloudevents"):
         RelayConfig(database="d", cloudevents_source="urn:x")
     with pytest.raises(ConfigurationError, match="not a URI-reference"):
         RelayConfig(database="d", message_format="cloudevents", cloudevents_source="a b")

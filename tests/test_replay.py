@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
+import os
+import sys
+import types
 from collections import defaultdict
 from typing import Any
 
@@ -12,6 +16,7 @@ from bson import ObjectId
 from mongo_outbox import ConfigurationError, InMemoryPublisher, outbox_transaction
 from mongo_outbox._formats import MessageFormat
 from mongo_outbox._replay import Replay, ReplaySelection, parse_time
+from mongo_outbox.cli import main
 from mongo_outbox.publishers import PubSubPublisher
 
 UTC = dt.timezone.utc
@@ -215,3 +220,141 @@ def test_parse_time():
     assert parse_time("2026-11-28") == dt.datetime(2026, 11, 28, tzinfo=UTC)
     with pytest.raises(ValueError, match="neither an ISO 8601 time"):
         parse_time("yesterday")
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def _cli(monkeypatch, capsys, *argv: str, **env: str) -> tuple[int, str, str]:
+    for name in [n for n in os.environ if n.startswith("MONGO_OUTBOX_") and "REQUIRE" not in n]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def published(client, db_name, pubsub, relay_factory, mongodb_uri):
+    """20 published events on a fresh topic; the subscription has been drained."""
+    topic, sub = pubsub.topic()
+    ids = _write(client, db_name, topic, 20)
+    _publish_all(client, db_name, relay_factory)
+    sub.pull_until(20)
+    sub.received.clear()
+    flags = ["--mongo-uri", mongodb_uri, "--database", db_name, "--project", pubsub.project]
+    return types.SimpleNamespace(topic=topic, sub=sub, ids=ids, flags=flags)
+
+
+def test_replay_command_by_type(client, db_name, published, monkeypatch, capsys):
+    before = _outbox(client, db_name)
+    code, out, err = _cli(monkeypatch, capsys, "replay", *published.flags, "--type", "OrderPaid")
+    assert (code, err) == (0, "")
+    assert out.startswith("replayed 10 events (")
+    got = published.sub.pull_until(10)
+    assert {m.attributes["outbox_event_type"] for m in got} == {"OrderPaid"}
+    assert {m.attributes["outbox_replay"] for m in got} == {"1"}
+    assert _outbox(client, db_name) == before
+
+
+def test_replay_dry_run_counts_and_publishes_nothing(published, monkeypatch, capsys):
+    code, out, _ = _cli(
+        monkeypatch, capsys, "replay", *published.flags, "--since", "1h", "--dry-run"
+    )
+    assert code == 0
+    assert out == f"would replay 20 events: {published.topic} 20\n"
+    assert published.sub.drain_quietly() == []
+
+
+def test_replay_in_cloudevents_from_the_environment(published, monkeypatch, capsys):
+    code, _, _ = _cli(
+        monkeypatch,
+        capsys,
+        "replay",
+        *published.flags,
+        "--key",
+        "key-2",
+        "--cloudevents-source",
+        "urn:shop",
+        MONGO_OUTBOX_MESSAGE_FORMAT="cloudevents",
+    )
+    assert code == 0
+    got = published.sub.pull_until(5)
+    assert [m.attributes["ce-id"] for m in got] == [str(i) for i in published.ids[2::4]]
+    assert {m.attributes["ce-source"] for m in got} == {"urn:shop"}
+
+
+def test_relay_command_publishes_cloudevents(
+    client, db_name, pubsub, mongodb_uri, monkeypatch, capsys
+):
+    topic, sub = pubsub.topic()
+    ids = _write(client, db_name, topic, 3)
+    flags = ["--mongo-uri", mongodb_uri, "--database", db_name, "--project", pubsub.project]
+    code, _, err = _cli(
+        monkeypatch, capsys, "relay", *flags, "--once", "--message-format", "cloudevents"
+    )
+    assert code == 0, err
+    got = sub.pull_until(3)
+    assert [m.attributes["ce-id"] for m in got] == [str(i) for i in ids]
+    assert {m.attributes["ce-source"] for m in got} == {f"mongo-outbox://{db_name}/outbox"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        ([], "needs a selector"),
+        (["--since", "yesterday"], "neither an ISO 8601 time"),
+        (["--since", "1h", "--until", "2h"], "--since must be before --until"),
+        (["--type", "T", "--cloudevents-source", "urn:x"], "applies only to --message-format"),
+        (["--type", "T", "--message-format", "xml"], "'xml' is not one of"),
+        (["--type", "T", "--rate", "0"], "must be positive"),
+    ],
+)
+def test_bad_replay_settings_exit_2_before_connecting(argv, match, monkeypatch, capsys):
+    code, _, err = _cli(
+        monkeypatch,
+        capsys,
+        "replay",
+        "--mongo-uri",
+        "mongodb://127.0.0.1:1",
+        "--database",
+        "d",
+        "--project",
+        "p",
+        *argv,
+    )
+    assert code == 2
+    assert match in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_replay_of_a_missing_outbox_exits_2(mongodb_uri, outbox_database, monkeypatch, capsys):
+    code, _, err = _cli(
+        monkeypatch,
+        capsys,
+        "replay",
+        "--mongo-uri",
+        mongodb_uri,
+        "--database",
+        outbox_database,
+        "--type",
+        "T",
+        "--dry-run",
+    )
+    assert code == 2
+    assert "no outbox collection" in err
+
+
+def test_progress_is_drawn_on_a_terminal(published, monkeypatch, capsys):
+    terminal = io.StringIO()
+    terminal.isatty = lambda: True  # type: ignore[method-assign]
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code, out, _ = _cli(monkeypatch, capsys, "replay", *published.flags, "--since", "1h")
+    assert code == 0
+    assert "\rreplayed 20 of 20 events (" in terminal.getvalue()
+    assert terminal.getvalue().endswith("\n")
+    assert out.startswith("replayed 20 events")

@@ -7,7 +7,7 @@ from functools import cached_property
 from typing import Literal
 
 from .._errors import ConfigurationError
-from .._formats import FORMATS, OUTBOX, MessageFormat, default_source
+from .._formats import MessageFormat, message_format
 from .._partition import SLOTS
 
 __all__ = ["RelayConfig"]
@@ -78,10 +78,9 @@ class RelayConfig:
     @cached_property
     def format(self) -> MessageFormat:
         """The message format, checked."""
-        if self.message_format == "outbox":
-            return OUTBOX
-        source = self.cloudevents_source or default_source(self.database, self.collection)
-        return MessageFormat(source)
+        return message_format(
+            self.message_format, self.cloudevents_source, self.database, self.collection
+        )
 
     def __post_init__(self) -> None:
         if not self.database:
@@ -98,12 +97,4 @@ class RelayConfig:
             raise ConfigurationError(f"partitions must be between 1 and {SLOTS}")
         if self.dead_key_policy not in ("release", "hold"):
             raise ConfigurationError("dead_key_policy must be 'release' or 'hold'")
-        if self.message_format not in FORMATS:
-            raise ConfigurationError(
-                f"message format {self.message_format!r} is unknown: use 'outbox' or 'cloudevents'"
-            )
-        if self.cloudevents_source is not None and self.message_format != "cloudevents":
-            raise ConfigurationError(
-                "a CloudEvents source applies only to --message-format cloudevents"
-            )
         self.format  # noqa: B018 (checks the source now, not at the first event)
