@@ -22,7 +22,7 @@ from ._errors import ConfigurationError, PoisonEventError, PublishError, Transie
 from ._event import STATUS_PUBLISHED, Message, check_topic, message_from_document
 from ._formats import MessageFormat
 from ._retention import parse_duration
-from ._store import PENDING_INDEX, RAW
+from ._store import RAW
 from .publishers import Publisher
 from .relay._decode import Poison, decode_document
 
@@ -80,7 +80,7 @@ class ReplaySelection:
         created: dict[str, Any] = {}
         ids: dict[str, Any] = {}
         # An event's id is made just before its created_at, in the same process: an _id range
-        # a second wider than the time range lets the (status, _id) index do the selecting.
+        # a second wider than the time range lets the outbox's (status, _id) index select.
         if self.since:
             created["$gte"] = self.since
             ids["$gte"] = ObjectId.from_datetime(self.since - _dt.timedelta(seconds=1))
@@ -161,7 +161,7 @@ class Replay:
             {"$group": {"_id": "$topic", "n": {"$sum": 1}}},
         ]
         counts: dict[str, int] = {}
-        for row in self._collection.aggregate(pipeline, hint=PENDING_INDEX):
+        for row in self._collection.aggregate(pipeline):
             topic = self._to_topic or (row["_id"] if isinstance(row["_id"], str) else None)
             name = topic or self._default_topic or ""
             counts[name] = counts.get(name, 0) + row["n"]
@@ -197,7 +197,7 @@ class Replay:
     def _batches(self, result: ReplayResult) -> Iterator[list[Message]]:
         limit = _BATCH if not self._rate else max(1, min(_BATCH, int(self._rate)))
         raws: Collection[RawBSONDocument] = self._collection.with_options(codec_options=RAW)
-        cursor = raws.find(self.selection.query(), sort=[("_id", 1)], hint=PENDING_INDEX)
+        cursor = raws.find(self.selection.query(), sort=[("_id", 1)])
         batch: list[Message] = []
         size = 0
         with cursor:

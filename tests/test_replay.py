@@ -358,3 +358,18 @@ def test_progress_is_drawn_on_a_terminal(published, monkeypatch, capsys):
     assert "\rreplayed 20 of 20 events (" in terminal.getvalue()
     assert terminal.getvalue().endswith("\n")
     assert out.startswith("replayed 20 events")
+
+
+def test_a_time_range_is_read_through_the_status_id_index(client, db_name):
+    _write(client, db_name, "orders", 10)
+    since = dt.datetime.now(UTC) - dt.timedelta(minutes=5)
+    query = ReplaySelection(since=since).query()
+    plan = client[db_name].outbox.find(query).sort("_id", 1).explain()["queryPlanner"]
+    stage = plan["winningPlan"]
+    while "inputStage" in stage:
+        if stage.get("stage") == "IXSCAN":
+            break
+        stage = stage["inputStage"]
+    assert stage["stage"] == "IXSCAN"
+    assert stage["keyPattern"] == {"status": 1, "_id": 1}
+    assert stage["indexBounds"]["_id"] != ["[MinKey, MaxKey]"]
