@@ -1,4 +1,7 @@
-"""What the ``mongo-outbox`` commands do, given their settings (``cli`` parses them)."""
+"""What the ``mongo-outbox`` commands do, given their settings (``cli`` parses them).
+
+A command's docstring is its ``--help`` text.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +17,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, fields
 from types import FrameType, SimpleNamespace
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from bson import ObjectId
 from pymongo import MongoClient
@@ -25,18 +29,16 @@ from pymongo.errors import ConnectionFailure, OperationFailure
 
 from ._admin import GroupInfo, OutboxAdmin, RelayInfo, shared_outbox_warning
 from ._errors import REPLICA_SET_FIX, ConfigurationError, ConnectError, LeaseLostError
-from ._event import age_of, format_timestamp
+from ._event import age_of, check_topic, format_timestamp
+from ._logging import redact
 from ._oplog import headroom, read_oplog_window, token_time
 from ._retention import parse_duration, retention_of
 from ._store import OutboxStore, ensure_indexes
 
 Args = SimpleNamespace  # a command's settings, one attribute per option
 
-EXIT_OK = 0
-EXIT_UNEXPECTED = 1
-EXIT_CONFIG = 2
-EXIT_CONNECT = 3
-EXIT_CHECK = 4
+EXIT_OK, EXIT_UNEXPECTED, EXIT_CONFIG, EXIT_CONNECT, EXIT_CHECK = 0, 1, 2, 3, 4
+NO_PROJECT = "no Google Cloud project: pass --project or set MONGO_OUTBOX_PROJECT"
 _HEX_ID = re.compile(r"[0-9a-fA-F]{24}")
 _INT_ID = re.compile(r"[-+]?[0-9]+")
 _INT64 = range(-(2**63), 2**63)
@@ -62,15 +64,13 @@ def redact_uri(uri: str) -> str:
     return f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else "<URI>"
 
 
-def _scrub(text: str, uri: str) -> str:
+def uri_secrets(uri: str | None) -> list[str]:
+    """The password in ``uri``, as written and decoded, for redaction to scrub."""
     try:
-        parts = urlsplit(uri)
-        secrets = [parts.password] if parts.password else []
+        password = urlsplit(uri or "").password
     except ValueError:
-        secrets = []
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
+        return []
+    return [password, unquote(password)] if password else []
 
 
 def connect(args: Args) -> MongoClient[Any]:
@@ -79,8 +79,7 @@ def connect(args: Args) -> MongoClient[Any]:
         raise ConfigurationError("no MongoDB URI: pass --mongo-uri or set MONGO_OUTBOX_MONGO_URI")
     if not args.database:
         raise ConfigurationError("no database: pass --database or set MONGO_OUTBOX_DATABASE")
-    uri = args.mongo_uri
-    safe = redact_uri(uri)
+    uri, safe, secrets = args.mongo_uri, redact_uri(args.mongo_uri), uri_secrets(args.mongo_uri)
     try:
         client: MongoClient[Any] = MongoClient(
             uri,
@@ -91,50 +90,48 @@ def connect(args: Args) -> MongoClient[Any]:
             tz_aware=True,
         )
     except (MongoConfigurationError, ValueError, TypeError) as exc:
-        raise ConfigurationError(f"invalid MongoDB URI {safe}: {_scrub(str(exc), uri)}") from exc
+        raise ConfigurationError(
+            f"invalid MongoDB URI {safe}: {redact(str(exc), secrets)}"
+        ) from exc
     try:
         hello = client.admin.command("hello")
     except ConnectionFailure as exc:
         client.close()
-        first = _scrub(str(exc), uri).split(" (configured timeouts")[0][:300]
+        first = redact(str(exc), secrets).split(" (configured timeouts")[0][:300]
         raise ConnectError(f"cannot connect to MongoDB at {safe}: {first}") from exc
     except OperationFailure as exc:
         client.close()
-        raise ConfigurationError(f"MongoDB at {safe} refused us: {_scrub(str(exc), uri)}") from exc
+        raise ConfigurationError(
+            f"MongoDB at {safe} refused us: {redact(str(exc), secrets)}"
+        ) from exc
     if "setName" not in hello and hello.get("msg") != "isdbgrid":
         client.close()
         raise ConfigurationError(f"MongoDB at {safe} is a standalone server; {REPLICA_SET_FIX}")
     return client
 
 
-def init(args: Args) -> int:
-    retention: float | Literal["off"] | None = None
-    if args.retention is not None:
-        try:
-            retention = "off" if args.retention.strip() == "off" else parse_duration(args.retention)
-        except ValueError as exc:
-            raise CommandError(EXIT_CONFIG, f"--retention: {exc}") from exc
-    client = connect(args)
-    try:
-        ensure_indexes(
-            client,
-            args.database,
-            args.collection,
-            partitions=args.partitions,
-            retention=retention,
-            inbox=args.inbox_collection,
+def _existing_outbox(client: MongoClient[Any], args: Args) -> OutboxAdmin:
+    """The admin of the outbox collection, which must exist: a typo creates nothing."""
+    admin = OutboxAdmin(client[args.database], args.collection)
+    if not admin.exists():
+        raise ConfigurationError(
+            f"no outbox collection {admin.name}: check --database/--collection, "
+            "or run `mongo-outbox init`"
         )
-    finally:
-        client.close()
-    print(f"outbox {args.database}.{args.collection} ready (collections and indexes)")
-    if retention is not None:
-        print(
-            "retention off"
-            if retention == "off"
-            else f"retention {_duration(retention)}: "
-            "published events (and inbox records) older than that are deleted by MongoDB"
-        )
-    return EXIT_OK
+    return admin
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' if count != 1 else ''}"
+
+
+def _iso(value: Any) -> str | None:
+    """ISO 8601 in UTC (as the message attributes), or None when ``value`` is no datetime."""
+    return format_timestamp(value) if isinstance(value, _dt.datetime) else None
+
+
+def _age(seconds: float | None, none: str = "-") -> str:
+    return none if seconds is None else f"{seconds:.1f}s"
 
 
 def _duration(seconds: float | None) -> str:
@@ -147,29 +144,59 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds:g}s"
 
 
+def init(args: Args) -> int:
+    """Create the outbox collection, its relay state collection and their indexes (idempotent).
+    The application can do the same with ensure_indexes()."""
+    retention: float | Literal["off"] | None = None
+    if args.retention is not None:
+        try:
+            retention = "off" if args.retention.strip() == "off" else parse_duration(args.retention)
+        except ValueError as exc:
+            raise ConfigurationError(f"--retention: {exc}") from exc
+    with connect(args) as client:
+        ensure_indexes(
+            client,
+            args.database,
+            args.collection,
+            partitions=args.partitions,
+            retention=retention,
+            inbox=args.inbox_collection,
+        )
+    print(f"outbox {args.database}.{args.collection} ready (collections and indexes)")
+    if retention == "off":
+        print("retention off")
+    elif retention is not None:
+        print(
+            f"retention {_duration(retention)}: "
+            "published events (and inbox records) older than that are deleted by MongoDB"
+        )
+    return EXIT_OK
+
+
 def status(args: Args) -> int:
-    client = connect(args)
-    try:
+    """Show the outbox: events per status, pending events that have failed and why, the newest
+    dead events, the age of the oldest pending event, the checkpoint and the relays holding a
+    lease. With --check, exit 4 when events are dead or the oldest pending event is older than
+    --max-lag: for scripts and alerts. A missing outbox collection is an error (exit 2);
+    nothing is created."""
+    with connect(args) as client:
         admin = _existing_outbox(client, args)
         counts = admin.counts()
         oldest = admin.oldest_pending()
-        state = OutboxStore(client[args.database], args.collection).load_state(args.name)
+        state = OutboxStore(admin.db, args.collection).load_state(args.name)
         errors = admin.newest_errors()
         failing, reasons = admin.failing_pending()
         relays = admin.active_relays()
         group = admin.group(args.name)
         window = read_oplog_window(client)
-        db = client[args.database]
         retention = {"outbox": retention_of(admin.outbox, "published_at")}
-        if db.list_collection_names(filter={"name": "inbox"}):
-            retention["inbox"] = retention_of(db["inbox"], "processed_at")
-    finally:
-        client.close()
+        if admin.db.list_collection_names(filter={"name": "inbox"}):
+            retention["inbox"] = retention_of(admin.db["inbox"], "processed_at")
     room = headroom(state.get("resume_token"), window)
     live = [r for r in relays if r.live]
     warnings = [shared_outbox_warning([r.name for r in live], admin.name)] if len(live) > 1 else []
     report: dict[str, Any] = {
-        "outbox": f"{args.database}.{args.collection}",
+        "outbox": admin.name,
         **counts,
         "oldest_pending_age_s": age_of(oldest.get("created_at")) if oldest else None,
         "relay": args.name,
@@ -180,22 +207,10 @@ def status(args: Args) -> int:
         "lease_expires_at": _iso(state.get("lease_expires_at")),
         "failing": failing,
         "failing_reasons": [
-            {
-                "error": r.error,
-                "events": r.events,
-                "max_attempts": r.max_attempts,
-                "next_attempt_at": _iso(r.next_attempt_at),
-            }
-            for r in reasons
+            asdict(r) | {"next_attempt_at": _iso(r.next_attempt_at)} for r in reasons
         ],
         "newest_dead": [
-            {
-                "id": str(e["_id"]),
-                "type": e.get("type"),
-                "key": e.get("key"),
-                "attempts": e.get("attempts"),
-                "error": e.get("last_error"),
-            }
+            {k: v for k, v in _dead_event(e).items() if k not in ("topic", "created_at")}
             for e in errors
         ],
         "oplog_window_s": window.seconds,
@@ -215,33 +230,21 @@ def status(args: Args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return code
-
-    def fmt_age(v: float | None) -> str:
-        return "-" if v is None else f"{v:.1f}s"
-
     print(f"outbox            {report['outbox']}")
-    print(f"pending           {counts['pending']}")
-    print(f"published         {counts['published']}")
-    print(f"dead              {counts['dead']}")
-    print(f"failing           {failing}")
+    for name in ("pending", "published", "dead", "failing"):
+        print(f"{name:<18}{report[name]}")
     for r in reasons:
-        events = f"{r.events} event{'s' if r.events != 1 else ''}"
-        print(f"  {events}, up to {r.max_attempts} attempts: {r.error}")
-    print(f"oldest pending    {fmt_age(report['oldest_pending_age_s'])}")
-    checkpoint = fmt_age(report["checkpoint_age_s"]) if report["has_checkpoint"] else "none"
-    print(f"checkpoint ({args.name})  {checkpoint}")
+        print(f"  {_plural(r.events, 'event')}, up to {r.max_attempts} attempts: {r.error}")
+    print(f"oldest pending    {_age(report['oldest_pending_age_s'])}")
+    checkpoint_age = _age(report["checkpoint_age_s"]) if report["has_checkpoint"] else "none"
+    print(f"checkpoint ({args.name})  {checkpoint_age}")
     if window.unavailable is not None:
         print(f"oplog             unknown: {window.unavailable}")
     else:
         low = room is not None and window.seconds and room < window.seconds / 4
-        print(
-            f"oplog window      {fmt_age(window.seconds)}, checkpoint headroom {fmt_age(room)}"
-            + ("  (low: under a quarter of the window)" if low else "")
-        )
-    print(
-        "retention         "
-        + ", ".join(f"{name} {_duration(value)}" for name, value in retention.items())
-    )
+        note = "  (low: under a quarter of the window)" if low else ""
+        print(f"oplog window      {_age(window.seconds)}, checkpoint headroom {_age(room)}{note}")
+    print("retention         " + ", ".join(f"{n} {_duration(s)}" for n, s in retention.items()))
     print(f"lease owner       {report['lease_owner'] or '-'}")
     holders = ", ".join(
         f"{r.name} (relay group)"
@@ -256,26 +259,19 @@ def status(args: Args) -> int:
         print(f"warning: {warning}")
     for e in report["newest_dead"]:
         print(f"dead {e['id']} {e['type']} key={e['key']}: {e['error']}")
-    if check:
-        for problem in problems:
-            print(f"check failed: {problem}")
-        if not problems:
-            print("check ok")
+    for problem in problems:
+        print(f"check failed: {problem}")
+    if check and not problems:
+        print("check ok")
     return code
-
-
-def _iso(value: Any) -> str | None:
-    """ISO 8601 in UTC (as the message attributes), or None when ``value`` is no datetime."""
-    return format_timestamp(value) if isinstance(value, _dt.datetime) else None
 
 
 def _check_problems(report: dict[str, Any], max_lag: float | None) -> list[str]:
     """Why ``status --check`` fails: dead events, or a pending event older than ``max_lag``."""
     problems = []
-    dead = report["dead"]
-    if dead:
+    if report["dead"]:
         problems.append(
-            f"{dead} dead event{'s' if dead != 1 else ''}: list them with `mongo-outbox dead`, "
+            f"{_plural(report['dead'], 'dead event')}: list them with `mongo-outbox dead`, "
             "requeue them with `mongo-outbox requeue` once the cause is fixed"
         )
     age = report["oldest_pending_age_s"]
@@ -284,24 +280,12 @@ def _check_problems(report: dict[str, Any], max_lag: float | None) -> list[str]:
     return problems
 
 
-def _existing_outbox(client: MongoClient[Any], args: Args) -> OutboxAdmin:
-    """The admin of the outbox collection, which must exist: a typo creates nothing."""
-    admin = OutboxAdmin(client[args.database], args.collection)
-    if not admin.exists():
-        raise ConfigurationError(
-            f"no outbox collection {admin.name}: check --database/--collection, "
-            "or run `mongo-outbox init`"
-        )
-    return admin
-
-
 def _relay_report(relay: RelayInfo) -> dict[str, Any]:
-    expires = relay.lease_expires_at
     return {
         "name": relay.name,
         "owner": relay.owner,
         "live": relay.live,
-        "lease_expires_at": _iso(expires),
+        "lease_expires_at": _iso(relay.lease_expires_at),
         "lease_remaining_s": relay.lease_remaining,
         "checkpoint_age_s": age_of(relay.checkpoint_at),
     }
@@ -311,7 +295,7 @@ def _group_report(group: GroupInfo) -> dict[str, Any]:
     return {
         "name": group.name,
         "partitions": group.partitions,
-        "members": [{"owner": m.owner, "live": m.live, "owns": m.owns} for m in group.members],
+        "members": [asdict(m) for m in group.members],
         "parts": [
             {
                 "partition": p.index,
@@ -332,32 +316,23 @@ def _print_group(group: dict[str, Any]) -> None:
         owns = ", ".join(str(p) for p in m["owns"]) or "none"
         print(f"  member {m['owner']}  partitions {owns}")
     for p in group["parts"]:
-        age = p["checkpoint_age_s"]
         print(
             f"  partition {p['partition']:<3} owner {p['owner'] or '-'}  checkpoint "
-            f"{'none' if age is None else f'{age:.1f}s'}  pending {p['pending']}"
+            f"{_age(p['checkpoint_age_s'], 'none')}  pending {p['pending']}"
         )
 
 
 def checkpoint(args: Args) -> int:
-    if args.action == "show":
-        return _checkpoint_show(args)
-    client = connect(args)
-    try:
-        reset = OutboxAdmin(client[args.database], args.collection).reset_token(args.name)
-    finally:
-        client.close()
-    print(f"checkpoint of relay {args.name!r} " + ("reset" if reset else "was not set"))
-    return EXIT_OK
-
-
-def _checkpoint_show(args: Args) -> int:
-    client = connect(args)
-    try:
+    """show (default): when the relay last saved its change stream position and the cluster
+    time that position points at. reset: forget it, so that the next start opens the stream
+    now and sweeps every pending event (gap-free)."""
+    with connect(args) as client:
+        if args.action == "reset":
+            reset = OutboxAdmin(client[args.database], args.collection).reset_token(args.name)
+            print(f"checkpoint of relay {args.name!r} " + ("reset" if reset else "was not set"))
+            return EXIT_OK
         admin = _existing_outbox(client, args)
         state = OutboxStore(admin.db, args.collection).load_state(args.name)
-    finally:
-        client.close()
     token = state.get("resume_token")
     token = token if isinstance(token, dict) else None
     at = token_time(token)
@@ -371,54 +346,33 @@ def _checkpoint_show(args: Args) -> int:
         "token_time": _iso(token_at),
         "token_age_s": age_of(token_at),
     }
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return EXIT_OK
-    if token is None:
-        print(f"relay {args.name!r} has no checkpoint: its next start sweeps every pending event")
-        return EXIT_OK
 
     def when(iso: str | None, age: float | None) -> str:
         return "-" if iso is None else f"{iso} ({age or 0:.1f}s ago)"
 
-    print(f"relay             {args.name}")
-    print(f"checkpoint at     {when(report['checkpoint_at'], report['checkpoint_age_s'])}")
-    print(f"token time        {when(report['token_time'], report['token_age_s'])}")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif token is None:
+        print(f"relay {args.name!r} has no checkpoint: its next start sweeps every pending event")
+    else:
+        print(f"relay             {args.name}")
+        print(f"checkpoint at     {when(report['checkpoint_at'], report['checkpoint_age_s'])}")
+        print(f"token time        {when(report['token_time'], report['token_age_s'])}")
     return EXIT_OK
 
 
 def dead(args: Args) -> int:
-    ids = None if args.id is None else [v for i in args.id for v in _id_values(i)]
-    client = connect(args)
-    try:
+    """List dead events, newest first, with their reasons. Filter as requeue does (all filters
+    must match); then requeue them with the same filters."""
+    with connect(args) as client:
         admin = _existing_outbox(client, args)
-        total, events = admin.dead_events(
-            ids=ids,
-            event_type=args.type,
-            key=args.key,
-            older_than=_older_than(args.older_than),
-            limit=args.limit,
-        )
-    finally:
-        client.close()
-    listed = [
-        {
-            "id": str(e["_id"]),
-            "type": e.get("type"),
-            "topic": e.get("topic"),
-            "key": e.get("key"),
-            "attempts": e.get("attempts"),
-            "created_at": _iso(e.get("created_at")),
-            "error": e.get("last_error"),
-        }
-        for e in events
-    ]
+        total, events = admin.dead_events(**_dead_filters(args), limit=args.limit)
+    listed = [_dead_event(e) for e in events]
     if args.json:
         print(json.dumps({"outbox": admin.name, "total": total, "events": listed}, indent=2))
         return EXIT_OK
     if not listed:
         print("no dead events")
-        return EXIT_OK
     for e in listed:
         print(
             f"{e['id']} {e['type']} topic={e['topic']} key={e['key']} attempts={e['attempts']} "
@@ -429,99 +383,94 @@ def dead(args: Args) -> int:
     return EXIT_OK
 
 
-def _older_than(seconds: float | None) -> _dt.datetime | None:
-    if seconds is None:
-        return None
-    return _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(seconds=seconds)
+def _dead_event(event: dict[str, Any]) -> dict[str, Any]:
+    """A dead event as ``dead`` reports it (``status`` leaves out its topic and creation time)."""
+    return {
+        "id": str(event["_id"]),
+        "type": event.get("type"),
+        "topic": event.get("topic"),
+        "key": event.get("key"),
+        "attempts": event.get("attempts"),
+        "created_at": _iso(event.get("created_at")),
+        "error": event.get("last_error"),
+    }
 
 
 def requeue(args: Args) -> int:
-    filters = (args.id, args.type, args.key, args.older_than)
-    if not args.all and all(f is None for f in filters):
-        raise CommandError(
-            EXIT_CONFIG,
-            "say which dead events to requeue: --id, --type, --key, --older-than, or --all",
+    """Requeue dead events so the relay publishes them again (attempts restart from zero). Name
+    events by --id, --type, --key, --older-than (all must match), or pass --all."""
+    if not args.all and all(f is None for f in (args.id, args.type, args.key, args.older_than)):
+        raise ConfigurationError(
+            "say which dead events to requeue: --id, --type, --key, --older-than, or --all"
         )
-    ids = None if args.id is None else [v for i in args.id for v in _id_values(i)]
-    older = _older_than(args.older_than)
-    client = connect(args)
-    try:
-        admin = _existing_outbox(client, args)
-        count = admin.requeue(ids=ids, event_type=args.type, key=args.key, older_than=older)
-    finally:
-        client.close()
-    print(f"requeued {count} dead event{'s' if count != 1 else ''}")
+    with connect(args) as client:
+        count = _existing_outbox(client, args).requeue(**_dead_filters(args))
+    print(f"requeued {_plural(count, 'dead event')}")
     return EXIT_OK
 
 
-def _id_values(text: str) -> list[Any]:
-    """Every ``_id`` an operator may mean by ``text``: the string, an ObjectId, an integer."""
-    values: list[Any] = [text]
-    if _HEX_ID.fullmatch(text):
-        values.append(ObjectId(text))
-    if _INT_ID.fullmatch(text) and len(text) <= 20 and int(text) in _INT64:
-        values.append(int(text))
+def _dead_filters(args: Args) -> dict[str, Any]:
+    """The dead events --id, --type, --key and --older-than select, as OutboxAdmin takes them."""
+    older = None
+    if args.older_than is not None:
+        older = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(seconds=args.older_than)
+    return dict(ids=_ids(args), event_type=args.type, key=args.key, older_than=older)
+
+
+def _ids(args: Args) -> list[Any] | None:
+    """Every ``_id`` an operator may mean by the --id values: as written, as an ObjectId (24
+    hex digits), as an integer; None without --id."""
+    if args.id is None:
+        return None
+    values: list[Any] = []
+    for text in args.id:
+        values.append(text)
+        if _HEX_ID.fullmatch(text):
+            values.append(ObjectId(text))
+        if _INT_ID.fullmatch(text) and len(text) <= 20 and int(text) in _INT64:
+            values.append(int(text))
     return values
 
 
 def relay(args: Args) -> int:
+    """Tail the outbox change stream and publish each event to Pub/Sub at least once, in order
+    per key. SIGTERM/SIGINT: finish the batch, checkpoint, exit 0; a second signal exits at
+    once. PUBSUB_EMULATOR_HOST is honoured."""
     from .publishers import PubSubPublisher
     from .relay import Relay, RelayConfig
 
     if not args.project:
-        raise CommandError(
-            EXIT_CONFIG, "no Google Cloud project: pass --project or set MONGO_OUTBOX_PROJECT"
-        )
+        raise ConfigurationError(NO_PROJECT)
+    # Each relay option named after a RelayConfig field sets that field.
+    given = {f.name: getattr(args, f.name) for f in fields(RelayConfig) if hasattr(args, f.name)}
+    given.update(database=args.database or "-", queue_bytes=2 * args.max_batch_bytes)
     try:
-        config = RelayConfig(
-            database=args.database or "-",
-            collection=args.collection,
-            name=args.name,
-            default_topic=args.default_topic,
-            batch_size=args.batch_size,
-            max_batch_bytes=args.max_batch_bytes,
-            queue_bytes=2 * args.max_batch_bytes,
-            isolate_after=args.isolate_after,
-            unhealthy_after=args.unhealthy_after,
-            max_attempts=args.max_attempts,
-            lease_ttl=args.lease_ttl,
-            dead_key_policy=args.dead_key_policy,
-            partitions=args.partitions,
-            message_format=args.message_format,
-            cloudevents_source=args.cloudevents_source,
-        )
-        if args.default_topic is not None:
-            from ._event import check_topic
-
-            check_topic(args.default_topic)
+        config = RelayConfig(**given)
+        check_topic(args.default_topic)
     except ValueError as exc:
-        raise CommandError(EXIT_CONFIG, f"bad relay setting: {exc}") from exc
-    client = connect(args)
-    publisher = PubSubPublisher(args.project, create_topics=args.create_topics)
-    relay = Relay(client, publisher, config)
-    server = None
-    try:
+        raise ConfigurationError(f"bad relay setting: {exc}") from exc
+    with contextlib.ExitStack() as closing:  # closes the HTTP side, the publisher, the client
+        client = closing.enter_context(connect(args))
+        publisher = PubSubPublisher(args.project, create_topics=args.create_topics)
+        closing.callback(publisher.close)
+        relay = Relay(client, publisher, config)
         if args.http_port is not None:
             from .relay._http import RelayHTTPServer
 
             try:
-                server = RelayHTTPServer(relay, args.http_host, args.http_port)
+                closing.callback(RelayHTTPServer(relay, args.http_host, args.http_port).close)
             except OSError as exc:
-                raise CommandError(
-                    EXIT_CONFIG, f"cannot serve HTTP on {args.http_host}:{args.http_port}: {exc}"
-                ) from exc
-        if args.once:
-            gc.freeze()
-            try:
-                count = relay.run_once()
-            except LeaseLostError as exc:
-                log.warning("%s; nothing to do", exc)
-                return EXIT_OK
-            log.info("published %d events", count)
-            return EXIT_OK
+                where = f"{args.http_host}:{args.http_port}"
+                raise ConfigurationError(f"cannot serve HTTP on {where}: {exc}") from exc
         # Everything made so far lives as long as the process: keep the collector off it
         # (its passes over these objects cost about 2 us per event).
         gc.freeze()
+        if args.once:
+            try:
+                log.info("published %d events", relay.run_once())
+            except LeaseLostError as exc:
+                log.warning("%s; nothing to do", exc)
+            return EXIT_OK
         stop = threading.Event()
         log.info(
             "relaying %s.%s to project %s as %r",
@@ -533,15 +482,15 @@ def relay(args: Args) -> int:
         with _stopped_by_signals(stop):
             relay.run(stop)
         log.info("stopped after publishing %d events", relay.stats.published)
-        return EXIT_OK
-    finally:
-        if server is not None:
-            server.close()
-        publisher.close()
-        client.close()
+    return EXIT_OK
 
 
 def replay(args: Args) -> int:
+    """Publish published events again, to their topic or --to-topic, in _id order (so in order
+    per key), with the attribute outbox_replay=1, for a consumer that lost its data. Select them
+    by --since/--until (of created_at), --type, --key and --id (all given must match; at least
+    one is required). Their outbox documents are only read. Ctrl-C stops after the batch in
+    flight."""
     from ._formats import message_format
     from ._replay import Replay, ReplaySelection, parse_time
     from .publishers import PubSubPublisher
@@ -552,25 +501,20 @@ def replay(args: Args) -> int:
             until=parse_time(args.until) if args.until else None,
             types=[args.type] if args.type else (),
             keys=[args.key] if args.key else (),
-            ids=[v for i in args.id or () for v in _id_values(i)],
+            ids=_ids(args) or (),
         )
         fmt = message_format(
             args.message_format, args.cloudevents_source, args.database or "-", args.collection
         )
     except ValueError as exc:
-        raise CommandError(EXIT_CONFIG, f"bad replay setting: {exc}") from exc
+        raise ConfigurationError(f"bad replay setting: {exc}") from exc
     if not args.project and not args.dry_run:
-        raise CommandError(
-            EXIT_CONFIG, "no Google Cloud project: pass --project or set MONGO_OUTBOX_PROJECT"
-        )
-    client = connect(args)
-    publisher = PubSubPublisher(args.project or "-")
+        raise ConfigurationError(NO_PROJECT)
     progress = _Progress() if sys.stderr.isatty() else None
-    try:
-        collection = _existing_outbox(client, args).outbox
+    with connect(args) as client, contextlib.closing(PubSubPublisher(args.project or "-")) as pub:
         run = Replay(
-            collection,
-            publisher,
+            _existing_outbox(client, args).outbox,
+            pub,
             selection,
             fmt=fmt,
             to_topic=args.to_topic,
@@ -578,28 +522,20 @@ def replay(args: Args) -> int:
             rate=args.rate,
             on_progress=progress,
         )
-        counts = run.count_by_topic()
         if args.dry_run:
-            total = sum(counts.values())
+            counts = run.count_by_topic()
             per_topic = ", ".join(f"{t or '(no topic)'} {n}" for t, n in sorted(counts.items()))
-            print(
-                f"would replay {total} event{'s' if total != 1 else ''}"
-                + (f": {per_topic}" if per_topic else "")
-            )
+            total = _plural(sum(counts.values()), "event")
+            print(f"would replay {total}" + (f": {per_topic}" if per_topic else ""))
             return EXIT_OK
         stop = threading.Event()
         started = time.monotonic()
         with _stopped_by_signals(stop):
             result = run.run(stop)
-    finally:
-        publisher.close()
-        client.close()
     if progress is not None:
-        progress.end()
+        sys.stderr.write("\n")
     rate = result.published / max(time.monotonic() - started, 1e-9)
-    print(
-        f"replayed {result.published} event{'s' if result.published != 1 else ''} ({rate:,.0f}/s)"
-    )
+    print(f"replayed {_plural(result.published, 'event')} ({rate:,.0f}/s)")
     for reason in result.skipped_reasons:
         log.warning("skipped %s", reason)
     if result.skipped:
@@ -624,9 +560,6 @@ class _Progress:
             rate = done / max(now - self._started, 1e-9)
             sys.stderr.write(f"\rreplayed {done:,} of {total:,} events ({rate:,.0f}/s) ")
             sys.stderr.flush()
-
-    def end(self) -> None:
-        sys.stderr.write("\n")
 
 
 @contextlib.contextmanager
@@ -654,6 +587,8 @@ def _stopped_by_signals(stop: threading.Event) -> Iterator[None]:
 
 
 def demo(args: Args) -> int:
+    """Start a single-node replica set and the Pub/Sub emulator, write orders with events, relay
+    them and show them arriving on a subscription; then stop everything."""
     from ._demo import run_demo
 
     if args.log_level != "DEBUG":

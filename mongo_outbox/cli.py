@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
-from urllib.parse import unquote, urlsplit
 
 import click
 from click.core import ParameterSource
@@ -21,15 +20,7 @@ from pymongo.errors import ConnectionFailure, PyMongoError
 
 from . import __version__
 from . import _cli_commands as commands
-from ._cli_commands import (
-    EXIT_CONFIG,
-    EXIT_CONNECT,
-    EXIT_UNEXPECTED,
-    Args,
-    CommandError,
-    log,
-    redact_uri,
-)
+from ._cli_commands import EXIT_CONFIG, EXIT_CONNECT, EXIT_UNEXPECTED, Args, redact_uri
 from ._errors import ConfigurationError, ConnectError
 from ._formats import FORMATS
 from ._logging import LOG_FORMATS, cli_logging, redact
@@ -46,14 +37,13 @@ class _Positive(click.types.FloatParamType):
     def __init__(self, kind: type[int] | type[float]) -> None:
         self.kind = kind
         self.name = "integer" if kind is int else "number"
+        self.what = "an integer" if kind is int else "a number"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         try:
             number = self.kind(value)
         except (TypeError, ValueError):
-            self.fail(
-                f"{value!r} is not a{'n' if self.kind is int else ''} {self.name}", param, ctx
-            )
+            self.fail(f"{value!r} is not {self.what}", param, ctx)
         if number <= 0:
             self.fail(f"{value!r} must be positive", param, ctx)
         return number
@@ -178,16 +168,15 @@ def cli(ctx: click.Context, /, **_: Any) -> None:
 _COMMANDS: dict[str, Callable[[Args], int]] = {}
 
 
-def _command(
-    run: Callable[[Args], int], short_help: str, help: str, *params: click.Parameter
-) -> None:
-    """Declare the subcommand named after ``run``, which ``main`` calls with its settings."""
+def _command(run: Callable[[Args], int], short_help: str, *params: click.Parameter) -> None:
+    """Declare the subcommand named after ``run``, its docstring as help; ``main`` calls ``run``
+    with its settings."""
     params_ = [*params, *_log_options(top=False)]
-    command = click.Command(
-        run.__name__, params=params_, callback=_args, help=help, short_help=short_help
+    name, help = run.__name__, run.__doc__
+    cli.add_command(
+        click.Command(name, params=params_, callback=_args, help=help, short_help=short_help)
     )
-    cli.add_command(command)
-    _COMMANDS[run.__name__] = run
+    _COMMANDS[name] = run
 
 
 def _args(**params: Any) -> Args:
@@ -202,9 +191,6 @@ def _args(**params: Any) -> Args:
 _command(
     commands.relay,
     "publish committed outbox events to Pub/Sub until stopped",
-    "Tail the outbox change stream and publish each event to Pub/Sub at least once, in order "
-    "per key. SIGTERM/SIGINT: finish the batch, checkpoint, exit 0; a second signal exits at "
-    "once. PUBSUB_EMULATOR_HOST is honoured.",
     *MONGO_OPTIONS,
     *PUBLISH_OPTIONS,
     NAME,
@@ -267,8 +253,6 @@ _command(
 _command(
     commands.init,
     "create the outbox collections and indexes",
-    "Create the outbox collection, its relay state collection and their indexes (idempotent). "
-    "The application can do the same with ensure_indexes().",
     *MONGO_OPTIONS,
     _option(
         "--retention",
@@ -289,11 +273,6 @@ _command(
 _command(
     commands.status,
     "pending, failing and dead counts, lag, checkpoint, relays",
-    "Show the outbox: events per status, pending events that have failed and why, the newest "
-    "dead events, the age of the oldest pending event, the checkpoint and the relays holding a "
-    "lease. With --check, exit 4 when events are dead or the oldest pending event is older than "
-    "--max-lag: for scripts and alerts. A missing outbox collection is an error (exit 2); "
-    "nothing is created.",
     *MONGO_OPTIONS,
     NAME,
     JSON,
@@ -310,9 +289,6 @@ _command(
 _command(
     commands.checkpoint,
     "show or reset a relay's resume token",
-    "show (default): when the relay last saved its change stream position and the cluster "
-    "time that position points at. reset: forget it, so that the next start opens the stream "
-    "now and sweeps every pending event (gap-free).",
     click.Argument(
         ["action"], default="show", required=False, type=click.Choice(["show", "reset"])
     ),
@@ -323,8 +299,6 @@ _command(
 _command(
     commands.dead,
     "list dead events and why they died",
-    "List dead events, newest first, with their reasons. Filter as requeue does (all filters "
-    "must match); then requeue them with the same filters.",
     *MONGO_OPTIONS,
     *DEAD_FILTERS,
     _option("--limit", "most events listed", type=_INT, default=20),
@@ -333,8 +307,6 @@ _command(
 _command(
     commands.requeue,
     "set dead events back to pending",
-    "Requeue dead events so the relay publishes them again (attempts restart from zero). Name "
-    "events by --id, --type, --key, --older-than (all must match), or pass --all.",
     *MONGO_OPTIONS,
     *DEAD_FILTERS,
     _flag("--all", "every dead event"),
@@ -342,11 +314,6 @@ _command(
 _command(
     commands.replay,
     "publish already-published events again",
-    "Publish published events again, to their topic or --to-topic, in _id order (so in order "
-    "per key), with the attribute outbox_replay=1, for a consumer that lost its data. Select "
-    "them by --since/--until (of created_at), --type, --key and --id (all given must match; at "
-    "least one is required). Their outbox documents are only read. Ctrl-C stops after the "
-    "batch in flight.",
     *MONGO_OPTIONS,
     *PUBLISH_OPTIONS,
     _option("--since", "from this time: ISO 8601 (UTC unless it says) or a duration ago (2h)"),
@@ -356,17 +323,12 @@ _command(
     _option("--rate", "most events published per second", type=_FLOAT, metavar="EVENTS"),
     _flag("--dry-run", "count the events per topic; publish nothing"),
 )
-_command(
-    commands.demo,
-    "run the whole flow on a throwaway replica set and Pub/Sub emulator",
-    "Start a single-node replica set and the Pub/Sub emulator, write orders with events, relay "
-    "them and show them arriving on a subscription; then stop everything.",
-)
+_command(commands.demo, "run the whole flow on a throwaway replica set and Pub/Sub emulator")
 
 
 def _fail(code: int, message: str, *, as_log: bool = False) -> NoReturn:
     if as_log:  # --log-format json: the last line is a JSON log line too
-        log.error("%s", message, extra={"exit_code": code})
+        commands.log.error("%s", message, extra={"exit_code": code})
     else:
         print(f"mongo-outbox: error: {redact(message)}", file=sys.stderr)
     raise SystemExit(code)
@@ -402,10 +364,8 @@ def _see_help(exc: click.ClickException) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Args:
-    """Parse command-line flags, falling back to ``MONGO_OUTBOX_*`` environment variables.
-
-    Exits with status 2 and a one-line reason on a bad flag or variable.
-    """
+    """Parse command-line flags, falling back to ``MONGO_OUTBOX_*`` environment variables; exit
+    2 with a one-line reason on a bad flag or variable."""
     parsed = _parse(argv)
     if isinstance(parsed, int):
         raise SystemExit(parsed)
@@ -417,27 +377,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     if isinstance(args, int):
         return args
-    with cli_logging(args.log_level, args.log_format, secrets=_uri_secrets(args)):
+    secrets = commands.uri_secrets(getattr(args, "mongo_uri", None))
+    with cli_logging(args.log_level, args.log_format, secrets=secrets):
         return _run_command(args)
-
-
-def _uri_secrets(args: Args) -> list[str]:
-    """The MongoDB password, as written and decoded, for the log filter to scrub."""
-    uri = getattr(args, "mongo_uri", None)
-    if not uri:
-        return []
-    try:
-        password = urlsplit(uri).password
-    except ValueError:
-        return []
-    return [password, unquote(password)] if password else []
 
 
 def _run_command(args: Args) -> int:
     as_log = args.log_format == "json"
     try:
         return _COMMANDS[args.command](args)
-    except CommandError as exc:
+    except commands.CommandError as exc:
         _fail(exc.code, str(exc), as_log=as_log)
     except ConfigurationError as exc:
         _fail(EXIT_CONFIG, str(exc), as_log=as_log)
@@ -456,7 +405,7 @@ def _run_command(args: Args) -> int:
         )
     except Exception as exc:
         # Through the logger, so the traceback is redacted (and JSON with --log-format json).
-        log.exception("unexpected error")
+        commands.log.exception("unexpected error")
         _fail(EXIT_UNEXPECTED, f"unexpected error: {type(exc).__name__}: {exc}", as_log=as_log)
 
 
