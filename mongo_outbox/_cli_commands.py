@@ -506,6 +506,8 @@ def replay(args: Args) -> int:
         fmt = message_format(
             args.message_format, args.cloudevents_source, args.database or "-", args.collection
         )
+        check_topic(args.to_topic)
+        check_topic(args.default_topic)
     except ValueError as exc:
         raise ConfigurationError(f"bad replay setting: {exc}") from exc
     if not args.project and not args.dry_run:

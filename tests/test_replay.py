@@ -312,6 +312,8 @@ def test_relay_command_publishes_cloudevents(
         (["--type", "T", "--cloudevents-source", "urn:x"], "applies only to --message-format"),
         (["--type", "T", "--message-format", "xml"], "'xml' is not one of"),
         (["--type", "T", "--rate", "0"], "must be positive"),
+        (["--type", "T", "--to-topic", "no spaces"], "invalid topic 'no spaces'"),
+        (["--type", "T", "--default-topic", "goog-x"], "invalid topic 'goog-x'"),
     ],
 )
 def test_bad_replay_settings_exit_2_before_connecting(argv, match, monkeypatch, capsys):
