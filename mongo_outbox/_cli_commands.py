@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from types import FrameType, SimpleNamespace
 from typing import Any, Literal
@@ -449,7 +449,12 @@ def relay(args: Args) -> int:
         check_topic(args.default_topic)
     except ValueError as exc:
         raise ConfigurationError(f"bad relay setting: {exc}") from exc
+    stop = threading.Event()
     with contextlib.ExitStack() as closing:  # closes the HTTP side, the publisher, the client
+        if not args.once:
+            # Never put back: a second signal must exit at once even while the process ends
+            # (threads may still wait for a broker then).
+            _stop_on_signals(stop)
         client = closing.enter_context(connect(args))
         publisher = PubSubPublisher(args.project, create_topics=args.create_topics)
         closing.callback(publisher.close)
@@ -471,7 +476,6 @@ def relay(args: Args) -> int:
             except LeaseLostError as exc:
                 log.warning("%s; nothing to do", exc)
             return EXIT_OK
-        stop = threading.Event()
         log.info(
             "relaying %s.%s to project %s as %r",
             args.database,
@@ -479,8 +483,7 @@ def relay(args: Args) -> int:
             args.project,
             args.name,
         )
-        with _stopped_by_signals(stop):
-            relay.run(stop)
+        relay.run(stop)
         log.info("stopped after publishing %d events", relay.stats.published)
     return EXIT_OK
 
@@ -513,6 +516,7 @@ def replay(args: Args) -> int:
     if not args.project and not args.dry_run:
         raise ConfigurationError(NO_PROJECT)
     progress = _Progress() if sys.stderr.isatty() else None
+    stop = threading.Event()
     with connect(args) as client, contextlib.closing(PubSubPublisher(args.project or "-")) as pub:
         run = Replay(
             _existing_outbox(client, args).outbox,
@@ -530,10 +534,12 @@ def replay(args: Args) -> int:
             total = _plural(sum(counts.values()), "event")
             print(f"would replay {total}" + (f": {per_topic}" if per_topic else ""))
             return EXIT_OK
-        stop = threading.Event()
         started = time.monotonic()
-        with _stopped_by_signals(stop):
+        restore = _stop_on_signals(stop)
+        try:
             result = run.run(stop)
+        finally:
+            restore()  # replay may run inside another program's process (tests do)
     if progress is not None:
         sys.stderr.write("\n")
     rate = result.published / max(time.monotonic() - started, 1e-9)
@@ -564,9 +570,9 @@ class _Progress:
             sys.stderr.flush()
 
 
-@contextlib.contextmanager
-def _stopped_by_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGTERM/SIGINT set ``stop`` (a second one exits at once) until the block ends."""
+def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
+    """SIGTERM/SIGINT set ``stop`` (a second one exits at once); return what puts the previous
+    handlers back."""
     received: list[int] = []
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -581,11 +587,12 @@ def _stopped_by_signals(stop: threading.Event) -> Iterator[None]:
     previous = [(s, signal.getsignal(s)) for s in (signal.SIGTERM, signal.SIGINT)]
     for signum, _ in previous:
         signal.signal(signum, handler)
-    try:
-        yield
-    finally:
+
+    def restore() -> None:
         for signum, old in previous:
             signal.signal(signum, old)
+
+    return restore
 
 
 def demo(args: Args) -> int:

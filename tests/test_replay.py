@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import os
+import signal
 import sys
 import types
 from collections import defaultdict
@@ -252,8 +253,10 @@ def published(client, db_name, pubsub, relay_factory, mongodb_uri):
 
 def test_replay_command_by_type(client, db_name, published, monkeypatch, capsys):
     before = _outbox(client, db_name)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     code, out, err = _cli(monkeypatch, capsys, "replay", *published.flags, "--type", "OrderPaid")
     assert (code, err) == (0, "")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     assert out.startswith("replayed 10 events (")
     got = published.sub.pull_until(10)
     assert {m.attributes["outbox_event_type"] for m in got} == {"OrderPaid"}
