@@ -1190,7 +1190,9 @@ class _ScriptedPublisher:
 def test_dispatch_does_not_count_unsent_messages_against_their_topic(kit):
     from mongo_outbox._errors import NotSentError
 
-    config = dataclasses.replace(CONFIG, isolate_after=0.0)
+    # An isolation of 30-60 s (it starts at transient_max): the check below cannot outlast it,
+    # however slow the machine (at CONFIG's 10 ms it did under a full suite run).
+    config = dataclasses.replace(CONFIG, isolate_after=0.0, transient_max=60.0)
     script = {"a": TransientPublishError("a is down"), "b": NotSentError("no time left")}
     k = kit(publisher=_ScriptedPublisher(script), config=config)
     a, b = ev("a", "k"), ev("b", "k")
