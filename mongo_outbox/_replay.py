@@ -22,15 +22,14 @@ from ._errors import ConfigurationError, PoisonEventError, PublishError, Transie
 from ._event import STATUS_PUBLISHED, Message, check_topic, message_from_document
 from ._formats import MessageFormat
 from ._retention import parse_duration
-from ._store import RAW
+from ._store import RAW, raw_batches
 from .publishers import Publisher
 from .relay._decode import Poison, decode_document
 
 __all__ = ["Replay", "ReplayResult", "ReplaySelection", "parse_time"]
 
-# Events read and published together: bounded by count and by bytes (events reach 10 MB).
+# Events read and published together (at most; and at most 16 MiB of them).
 _BATCH = 500
-_BATCH_BYTES = 16 * 1024 * 1024
 # A batch that keeps failing transiently is retried with backoff for this long, then given up.
 _RETRY_FOR = 120.0
 
@@ -197,21 +196,11 @@ class Replay:
     def _batches(self, result: ReplayResult) -> Iterator[list[Message]]:
         limit = _BATCH if not self._rate else max(1, min(_BATCH, int(self._rate)))
         raws: Collection[RawBSONDocument] = self._collection.with_options(codec_options=RAW)
-        cursor = raws.find(self.selection.query(), sort=[("_id", 1)])
-        batch: list[Message] = []
-        size = 0
-        with cursor:
-            for raw in cursor:
-                message = self._message(raw, result)
-                if message is None:
-                    continue
-                batch.append(message)
-                size += len(raw.raw)
-                if len(batch) >= limit or size >= _BATCH_BYTES:
+        with raws.find(self.selection.query(), sort=[("_id", 1)]) as cursor:
+            for docs in raw_batches(cursor, limit):
+                batch = [m for raw in docs if (m := self._message(raw, result)) is not None]
+                if batch:
                     yield batch
-                    batch, size = [], 0
-        if batch:
-            yield batch
 
     def _message(self, raw: RawBSONDocument, result: ReplayResult) -> Message | None:
         doc = decode_document(raw)

@@ -32,6 +32,7 @@ __all__ = [
     "ensure_indexes",
     "find_one_lenient",
     "lenient",
+    "raw_batches",
     "state_collection_name",
     "sweep_position",
 ]
@@ -235,7 +236,7 @@ class OutboxStore:
             cursor_options.update(hint=order.index, **bounds)
         if at is None:
             cursor = outbox.find(query, PUBLISH_PROJECTION, **cursor_options)
-            yield from _skip_first(_batches(cursor, batch_size), first_id)
+            yield from _skip_first(raw_batches(cursor, batch_size), first_id)
             return
         # Without snapshot reads (servers before 5.0): a majority read from the primary that
         # waits for ``at``, so nothing committed at or before ``at`` is missed.
@@ -245,7 +246,7 @@ class OutboxStore:
         with self.db.client.start_session(causal_consistency=True) as session:
             session.advance_operation_time(at)
             cursor = outbox.find(query, PUBLISH_PROJECTION, session=session, **cursor_options)
-            yield from _skip_first(_batches(cursor, batch_size), first_id)
+            yield from _skip_first(raw_batches(cursor, batch_size), first_id)
 
     def _snapshot_find(
         self,
@@ -398,7 +399,8 @@ def lenient(collection: Collection[Any]) -> Collection[Any]:
 _BATCH_BYTES = 16 * 1024 * 1024
 
 
-def _batches(docs: Iterable[RawBSONDocument], size: int) -> Iterator[list[RawBSONDocument]]:
+def raw_batches(docs: Iterable[RawBSONDocument], size: int) -> Iterator[list[RawBSONDocument]]:
+    """``docs`` in lists of at most ``size`` documents and about 16 MiB (at least one each)."""
     batch: list[RawBSONDocument] = []
     held = 0
     for doc in docs:
