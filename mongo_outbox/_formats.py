@@ -68,7 +68,7 @@ def check_source(source: str) -> str:
     return source
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MessageFormat:
     """How outbox documents become messages: ``cloudevents_source`` set means CloudEvents."""
 
