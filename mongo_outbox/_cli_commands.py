@@ -517,7 +517,12 @@ def replay(args: Args) -> int:
         raise ConfigurationError(NO_PROJECT)
     progress = _Progress() if sys.stderr.isatty() else None
     stop = threading.Event()
-    with connect(args) as client, contextlib.closing(PubSubPublisher(args.project or "-")) as pub:
+    with contextlib.ExitStack() as closing:
+        client = closing.enter_context(connect(args))
+        # A dry run only counts: no publisher, so no Google credentials needed.
+        pub = None if args.dry_run else PubSubPublisher(args.project)
+        if pub is not None:
+            closing.callback(pub.close)
         run = Replay(
             _existing_outbox(client, args).outbox,
             pub,
@@ -546,12 +551,16 @@ def replay(args: Args) -> int:
     print(f"replayed {_plural(result.published, 'event')} ({rate:,.0f}/s)")
     for reason in result.skipped_reasons:
         log.warning("skipped %s", reason)
-    if result.skipped:
-        print(f"skipped {result.skipped} that cannot be published (reasons in the log)")
     if result.error is not None or result.interrupted:
         last = f"; the last replayed event is {result.last_id}" if result.last_id else ""
         why = f"publishing failed: {result.error}" if result.error else "interrupted"
         raise CommandError(EXIT_UNEXPECTED, f"replay stopped, {why}{last}")
+    if result.skipped:
+        raise CommandError(
+            EXIT_UNEXPECTED,
+            f"replay incomplete: skipped {_plural(result.skipped, 'event')} that cannot be "
+            "published (reasons above)",
+        )
     return EXIT_OK
 
 

@@ -8,6 +8,7 @@ through the same :class:`~mongo_outbox.Publisher` and message format as the rela
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,9 +43,13 @@ def parse_time(text: str, now: _dt.datetime | None = None) -> _dt.datetime:
     except ValueError:
         pass
     else:
-        return (now or _dt.datetime.now(_dt.timezone.utc)) - _dt.timedelta(seconds=seconds)
+        try:
+            return (now or _dt.datetime.now(_dt.timezone.utc)) - _dt.timedelta(seconds=seconds)
+        except OverflowError:
+            raise ValueError(f"{text!r} reaches before the year 1") from None
     try:
-        value = _dt.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+        iso = text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text
+        value = _dt.datetime.fromisoformat(iso)
     except ValueError:
         raise ValueError(
             f"{text!r} is neither an ISO 8601 time (2026-11-28T09:00:00Z) nor a duration "
@@ -80,12 +85,15 @@ class ReplaySelection:
         ids: dict[str, Any] = {}
         # An event's id is made just before its created_at, in the same process: an _id range
         # a second wider than the time range lets the outbox's (status, _id) index select.
+        # (ObjectIds hold 1970-2106: outside, the bound is left to created_at alone.)
         if self.since:
             created["$gte"] = self.since
-            ids["$gte"] = ObjectId.from_datetime(self.since - _dt.timedelta(seconds=1))
+            if (low := _object_id_at(self.since, -1)) is not None:
+                ids["$gte"] = low
         if self.until:
             created["$lt"] = self.until
-            ids["$lt"] = ObjectId.from_datetime(self.until + _dt.timedelta(seconds=1))
+            if (high := _object_id_at(self.until, 1)) is not None:
+                ids["$lt"] = high
         if created:
             query["created_at"] = created
         if self.ids:
@@ -97,6 +105,17 @@ class ReplaySelection:
         if self.keys:
             query["key"] = {"$in": list(self.keys)}
         return query
+
+
+def _object_id_at(value: _dt.datetime, shift: int) -> ObjectId | None:
+    """The smallest ObjectId of ``value`` plus ``shift`` seconds (None: not an ObjectId time)."""
+    seconds = (value - _EPOCH).total_seconds() + shift
+    if not 0 <= seconds < 2**32:
+        return None
+    return ObjectId.from_datetime(_EPOCH + _dt.timedelta(seconds=seconds))
+
+
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 
 
 @dataclass
@@ -126,7 +145,7 @@ class Replay:
     def __init__(
         self,
         collection: Collection[Any],
-        publisher: Publisher,
+        publisher: Publisher | None,
         selection: ReplaySelection,
         *,
         fmt: MessageFormat | None = None,
@@ -135,9 +154,9 @@ class Replay:
         rate: float | None = None,
         on_progress: Callable[[int, int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Any] = time.sleep,
+        sleep: Callable[[float], Any] | None = None,
     ) -> None:
-        if rate is not None and not rate > 0:
+        if rate is not None and not (rate > 0 and math.isfinite(rate)):
             raise ConfigurationError(
                 f"--rate must be a positive number of events per second, not {rate}"
             )
@@ -168,20 +187,23 @@ class Replay:
 
     def run(self, stop: threading.Event | None = None) -> ReplayResult:
         """Publish the selection again; return what was done (a permanent failure, or
-        transient ones for two minutes, end it with ``error`` set)."""
+        transient ones for two minutes, end it with ``error`` set). ``stop`` ends it after the
+        batch in flight, and cuts short the waits of ``rate`` and of retries."""
+        if self._publisher is None:
+            raise ConfigurationError("a replay without a publisher can only count")
         stop = stop or threading.Event()
         total = sum(self.count_by_topic().values())
         result = ReplayResult()
         started = self._clock()
         done = 0
         for batch in self._batches(result):
-            if stop.is_set():
-                result.interrupted = True
-                break
             if self._rate:
                 wait = started + done / self._rate - self._clock()
                 if wait > 0:
-                    self._sleep(wait)
+                    self._wait(wait, stop)
+            if stop.is_set():
+                result.interrupted = True
+                break
             sent, error = self._publish(batch, stop)
             done += sent
             result.published += sent
@@ -196,7 +218,10 @@ class Replay:
     def _batches(self, result: ReplayResult) -> Iterator[list[Message]]:
         limit = _BATCH if not self._rate else max(1, min(_BATCH, int(self._rate)))
         raws: Collection[RawBSONDocument] = self._collection.with_options(codec_options=RAW)
-        with raws.find(self.selection.query(), sort=[("_id", 1)]) as cursor:
+        # Fetched a batch at a time: a slow --rate never leaves the cursor idle for long (the
+        # server drops cursors idle for ten minutes).
+        query = self.selection.query()
+        with raws.find(query, sort=[("_id", 1)], batch_size=limit) as cursor:
             for docs in raw_batches(cursor, limit):
                 batch = [m for raw in docs if (m := self._message(raw, result)) is not None]
                 if batch:
@@ -235,6 +260,7 @@ class Replay:
         Return how many were confirmed, and the error that ended it early."""
         delay, deadline, sent = 0.5, self._clock() + _RETRY_FOR, 0
         while True:
+            assert self._publisher is not None
             results = self._publisher.publish(batch)
             failed = [(m, e) for m, e in zip(batch, results, strict=True) if e is not None]
             sent += len(batch) - len(failed)
@@ -244,5 +270,11 @@ class Replay:
             if permanent or self._clock() >= deadline or stop.is_set():
                 return sent, (permanent or [failed[0][1]])[0]
             batch = [m for m, _ in failed]
-            self._sleep(delay)
+            self._wait(delay, stop)
             delay = min(delay * 2, 10.0)
+
+    def _wait(self, seconds: float, stop: threading.Event) -> None:
+        if self._sleep is None:
+            stop.wait(seconds)
+        else:
+            self._sleep(seconds)

@@ -9,6 +9,7 @@ included), 3 cannot connect, 4 ``status --check`` failed. What the commands do i
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -44,6 +45,8 @@ class _Positive(click.types.FloatParamType):
             number = self.kind(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not {self.what}", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
         if number <= 0:
             self.fail(f"{value!r} must be positive", param, ctx)
         return number

@@ -7,6 +7,8 @@ import io
 import os
 import signal
 import sys
+import threading
+import time
 import types
 from collections import defaultdict
 from typing import Any
@@ -378,3 +380,69 @@ def test_a_time_range_is_read_through_the_status_id_index(client, db_name):
     assert stage["stage"] == "IXSCAN"
     assert stage["keyPattern"] == {"status": 1, "_id": 1}
     assert stage["indexBounds"]["_id"] != ["[MinKey, MaxKey]"]
+
+
+def test_times_outside_the_object_id_range_select_by_created_at_alone():
+    old = ReplaySelection(since=dt.datetime(1900, 1, 1, tzinfo=UTC)).query()
+    assert "_id" not in old
+    assert old["created_at"] == {"$gte": dt.datetime(1900, 1, 1, tzinfo=UTC)}
+    far = ReplaySelection(
+        since=dt.datetime(2026, 1, 1, tzinfo=UTC), until=dt.datetime(2200, 1, 1, tzinfo=UTC)
+    ).query()
+    assert set(far["_id"]) == {"$gte"}
+    with pytest.raises(ValueError, match="before the year 1"):
+        parse_time("99999999d")
+    assert parse_time("2026-11-28T09:30:00z") == dt.datetime(2026, 11, 28, 9, 30, tzinfo=UTC)
+
+
+def test_replay_everything_since_an_old_date(published, monkeypatch, capsys):
+    code, out, _ = _cli(
+        monkeypatch, capsys, "replay", *published.flags, "--since", "1900-01-01", "--dry-run"
+    )
+    assert (code, out) == (0, f"would replay 20 events: {published.topic} 20\n")
+
+
+def test_a_dry_run_makes_no_publisher(published, monkeypatch, capsys):
+    def no_publisher(*args, **kwargs):
+        raise AssertionError("a dry run must not need Pub/Sub (nor credentials)")
+
+    monkeypatch.setattr("mongo_outbox.publishers.PubSubPublisher", no_publisher)
+    flags = published.flags[: published.flags.index("--project")]
+    code, out, err = _cli(monkeypatch, capsys, "replay", *flags, "--type", "OrderPaid", "--dry-run")
+    assert (code, err) == (0, "")
+    assert out.startswith("would replay 10 events")
+
+
+def test_skipped_events_make_the_replay_exit_1(client, db_name, published, monkeypatch, capsys):
+    client[db_name].outbox.update_one({"_id": published.ids[3]}, {"$set": {"payload": "text"}})
+    code, out, err = _cli(monkeypatch, capsys, "replay", *published.flags, "--since", "1h")
+    assert code == 1
+    assert out.startswith("replayed 19 events")
+    assert str(published.ids[3]) in err
+    assert "replay incomplete: skipped 1 event that cannot be published" in err
+
+
+@pytest.mark.parametrize("rate", ["inf", "nan"])
+def test_a_rate_must_be_finite(rate, monkeypatch, capsys):
+    code, _, err = _cli(
+        monkeypatch, capsys, "replay", "--database", "d", "--type", "T", "--rate", rate
+    )
+    assert code == 2
+    assert "is not a finite number" in err
+
+
+def test_stop_cuts_a_rate_wait_short(client, db_name):
+    ids = _write(client, db_name, "orders", 2)
+    client[db_name].outbox.update_many({}, {"$set": {"status": "published"}})
+    stop = threading.Event()
+    replay = Replay(
+        client[db_name].outbox,
+        InMemoryPublisher(),
+        ReplaySelection(ids=ids),
+        rate=0.001,  # the second event would wait 1,000 s
+        on_progress=lambda done, total: threading.Timer(0.1, stop.set).start(),
+    )
+    started = time.monotonic()
+    result = replay.run(stop)
+    assert time.monotonic() - started < 30
+    assert (result.published, result.interrupted) == (1, True)
