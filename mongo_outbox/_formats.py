@@ -44,8 +44,8 @@ TEXT = "text/plain; charset=utf-8"
 MAX_CONTENT_TYPE_BYTES = len(TEXT)
 #: Longest ``ce-source``: an attribute value.
 MAX_SOURCE_BYTES = 1024
-# A URI-reference has no spaces or control characters; the rest is left to the consumer.
-_SOURCE_RE = re.compile(r"[\x21-\x7e]+")
+# The characters of an RFC 3986 URI-reference (unreserved, reserved, and %XX escapes).
+_SOURCE_RE = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")
 
 
 def default_source(database: str, collection: str) -> str:
@@ -57,8 +57,8 @@ def check_source(source: str) -> str:
     """Return ``source`` if it can be a ``ce-source`` (a non-empty URI-reference)."""
     if not source or not _SOURCE_RE.fullmatch(source):
         raise ConfigurationError(
-            f"--cloudevents-source {source!r} is not a URI-reference: use a non-empty value "
-            "of printable ASCII without spaces, e.g. //shop.example.com/orders or urn:shop"
+            f"--cloudevents-source {source!r} is not a URI-reference: use RFC 3986 characters "
+            "(others escaped as %XX), e.g. //shop.example.com/orders or urn:shop"
         )
     if len(source) > MAX_SOURCE_BYTES:
         raise ConfigurationError(

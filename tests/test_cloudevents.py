@@ -174,8 +174,9 @@ def test_relay_config_checks_the_format_at_once():
         RelayConfig(database="d", message_format="xml")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="applies only to --message-format cloudevents"):
         RelayConfig(database="d", cloudevents_source="urn:x")
-    with pytest.raises(ConfigurationError, match="not a URI-reference"):
-        RelayConfig(database="d", message_format="cloudevents", cloudevents_source="a b")
+    for bad in ("a b", "a<b>", "{x}", "100%", "%zz"):
+        with pytest.raises(ConfigurationError, match="not a URI-reference"):
+            RelayConfig(database="d", message_format="cloudevents", cloudevents_source=bad)
     with pytest.raises(ConfigurationError, match="at most 1024"):
         RelayConfig(database="d", message_format="cloudevents", cloudevents_source="x" * 1025)
     config = RelayConfig(database="my db", collection="out/box", message_format="cloudevents")
