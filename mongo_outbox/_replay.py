@@ -133,6 +133,18 @@ class ReplayResult:
     interrupted: bool = False
     error: PublishError | None = None
 
+    @property
+    def failure(self) -> str | None:
+        """Why the replay is incomplete, in a sentence (None: it is complete)."""
+        if self.error is not None or self.interrupted:
+            last = f"; the last replayed event is {self.last_id}" if self.last_id else ""
+            why = f"publishing failed: {self.error}" if self.error else "interrupted"
+            return f"replay stopped, {why}{last}"
+        if self.skipped:
+            n = f"{self.skipped} event{'s' if self.skipped != 1 else ''}"
+            return f"replay incomplete: skipped {n} that cannot be published (reasons above)"
+        return None
+
 
 class Replay:
     """Replays the events of ``selection`` from ``collection`` through ``publisher``.
