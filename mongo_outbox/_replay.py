@@ -7,6 +7,7 @@ through the same :class:`~mongo_outbox.Publisher` and message format as the rela
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import threading
@@ -247,14 +248,7 @@ class Replay:
                 raise PoisonEventError(doc.reason)
             message = message_from_document(doc, self._default_topic, self._fmt)
             if self._to_topic is not None:
-                message = Message(
-                    message.event_id,
-                    self._to_topic,
-                    message.data,
-                    message.ordering_key,
-                    message.attributes,
-                    message.size,
-                )
+                message = dataclasses.replace(message, topic=self._to_topic)
             elif message.topic is None:
                 raise PoisonEventError("it has no topic: give --default-topic or --to-topic")
         except PoisonEventError as exc:
