@@ -190,8 +190,9 @@ def status(args: Args) -> int:
         group = admin.group(args.name)
         window = read_oplog_window(client)
         retention = {"outbox": retention_of(admin.outbox, "published_at")}
-        if admin.db.list_collection_names(filter={"name": "inbox"}):
-            retention["inbox"] = retention_of(admin.db["inbox"], "processed_at")
+        inbox = args.inbox_collection
+        if admin.db.list_collection_names(filter={"name": inbox}):
+            retention[inbox] = retention_of(admin.db[inbox], "processed_at")
     room = headroom(state.get("resume_token"), window)
     live = [r for r in relays if r.live]
     warnings = [shared_outbox_warning([r.name for r in live], admin.name)] if len(live) > 1 else []

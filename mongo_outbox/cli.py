@@ -132,6 +132,9 @@ PUBLISH_OPTIONS = [
     ),
 ]
 JSON = _flag("--json", "print JSON")
+INBOX = _option(
+    "--inbox-collection", "consumers' inbox collection (its retention)", default="inbox"
+)
 DEAD_FILTERS = [  # all given must match
     _option(
         "--id",
@@ -264,7 +267,7 @@ _command(
         "remove it",
         metavar="DURATION",
     ),
-    _option("--inbox-collection", "the inbox collection --retention applies to", default="inbox"),
+    INBOX,
     _option(
         "--partitions",
         "above 1, also create the index the partitions of a relay group sweep with (the relays "
@@ -279,6 +282,7 @@ _command(
     *MONGO_OPTIONS,
     NAME,
     JSON,
+    INBOX,
     _flag(
         "--check", "exit 4 when events are dead or the oldest pending event is older than --max-lag"
     ),

@@ -1232,3 +1232,17 @@ def test_requeue_filters_come_from_the_environment(
     assert code == 0, err
     assert out.strip() == "requeued 1 dead event"
     assert outbox.count_documents({"status": "dead"}) == 0
+
+
+def test_status_shows_the_retention_of_a_named_inbox(
+    mongodb_uri, outbox_database, mongo_client, capsys
+):
+    base = ["--mongo-uri", mongodb_uri, "--database", outbox_database]
+    mongo_client[outbox_database].create_collection("billing_inbox")
+    flags = [*base, "--inbox-collection", "billing_inbox"]
+    assert _exit_code(["init", *flags, "--retention", "2d"], capsys)[0] == 0
+    code, out, _ = _exit_code(["status", *flags], capsys)
+    assert code == 0
+    assert re.search(r"^retention\s+outbox 2d, billing_inbox 2d$", out, re.MULTILINE), out
+    code, out, _ = _exit_code(["status", *flags, "--json"], capsys)
+    assert json.loads(out)["retention_s"] == {"outbox": 172800, "billing_inbox": 172800}
