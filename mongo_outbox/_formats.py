@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
 from urllib.parse import quote
 
 from ._errors import ConfigurationError
@@ -27,7 +26,6 @@ __all__ = [
 ]
 
 FORMATS = ("outbox", "cloudevents")
-FormatName = Literal["outbox", "cloudevents"]
 
 ATTR_REPLAY = "outbox_replay"
 CE_SPECVERSION = "ce-specversion"
@@ -100,16 +98,6 @@ class MessageFormat:
             overhead += len(ATTR_REPLAY) + 1
         object.__setattr__(self, "added", added)
         object.__setattr__(self, "overhead", overhead)
-
-    @property
-    def name(self) -> FormatName:
-        """``outbox`` or ``cloudevents``."""
-        return "outbox" if self.cloudevents_source is None else "cloudevents"
-
-    @property
-    def cloudevents(self) -> bool:
-        """Whether messages follow the CloudEvents binding."""
-        return self.cloudevents_source is not None
 
 
 OUTBOX = MessageFormat()
