@@ -23,6 +23,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from bson import ObjectId
+from bson.errors import InvalidId
 from pymongo import MongoClient
 from pymongo.errors import ConfigurationError as MongoConfigurationError
 from pymongo.errors import ConnectionFailure, OperationFailure
@@ -506,13 +507,14 @@ def replay(args: Args) -> int:
             types=[args.type] if args.type else (),
             keys=[args.key] if args.key else (),
             ids=_ids(args) or (),
+            after=ObjectId(args.after) if args.after else None,
         )
         fmt = message_format(
             args.message_format, args.cloudevents_source, args.database or "-", args.collection
         )
         check_topic(args.to_topic)
         check_topic(args.default_topic)
-    except ValueError as exc:
+    except (ValueError, InvalidId) as exc:
         raise ConfigurationError(f"bad replay setting: {exc}") from exc
     if not args.project and not args.dry_run:
         raise ConfigurationError(NO_PROJECT)

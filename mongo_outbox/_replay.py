@@ -62,18 +62,20 @@ def parse_time(text: str, now: _dt.datetime | None = None) -> _dt.datetime:
 @dataclass(frozen=True)
 class ReplaySelection:
     """Which published events to replay: all given conditions must hold (``created_at`` in
-    [since, until), one of the types, keys and ids when given)."""
+    [since, until), one of the types, keys and ids when given, ``_id`` after ``after``)."""
 
     since: _dt.datetime | None = None
     until: _dt.datetime | None = None
     types: Sequence[str] = ()
     keys: Sequence[str] = ()
     ids: Sequence[ObjectId] = ()
+    #: Go on after this event (the last one a stopped replay published).
+    after: ObjectId | None = None
 
     def __post_init__(self) -> None:
-        if not (self.since or self.until or self.types or self.keys or self.ids):
+        if not (self.since or self.until or self.types or self.keys or self.ids or self.after):
             raise ConfigurationError(
-                "replay needs a selector: --since, --until, --type, --key or --id "
+                "replay needs a selector: --since, --until, --type, --key, --id or --after "
                 "(use --since with an old date to replay everything)"
             )
         if self.since and self.until and self.since >= self.until:
@@ -99,6 +101,8 @@ class ReplaySelection:
             query["created_at"] = created
         if self.ids:
             ids["$in"] = list(self.ids)
+        if self.after is not None:
+            ids["$gt"] = self.after
         if ids:
             query["_id"] = ids
         if self.types:
@@ -138,7 +142,12 @@ class ReplayResult:
     def failure(self) -> str | None:
         """Why the replay is incomplete, in a sentence (None: it is complete)."""
         if self.error is not None or self.interrupted:
-            last = f"; the last replayed event is {self.last_id}" if self.last_id else ""
+            last = (
+                f"; the last replayed event is {self.last_id}: rerun with --after {self.last_id} "
+                "to go on"
+                if self.last_id
+                else ""
+            )
             why = f"publishing failed: {self.error}" if self.error else "interrupted"
             return f"replay stopped, {why}{last}"
         if self.skipped:

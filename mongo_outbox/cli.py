@@ -326,6 +326,7 @@ _command(
     _option("--since", "from this time: ISO 8601 (UTC unless it says) or a duration ago (2h)"),
     _option("--until", "before this time: ISO 8601 or a duration ago"),
     *DEAD_FILTERS[:3],
+    _option("--after", "only events after this one (go on from a stopped replay)", metavar="ID"),
     _option("--to-topic", "publish every event to this topic instead of its own"),
     _option("--rate", "most events published per second", type=_FLOAT, metavar="EVENTS"),
     _flag("--dry-run", "count the events per topic; publish nothing"),

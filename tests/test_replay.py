@@ -16,7 +16,12 @@ from typing import Any
 import pytest
 from bson import ObjectId
 
-from mongo_outbox import ConfigurationError, InMemoryPublisher, outbox_transaction
+from mongo_outbox import (
+    ConfigurationError,
+    InMemoryPublisher,
+    PermanentPublishError,
+    outbox_transaction,
+)
 from mongo_outbox._formats import MessageFormat
 from mongo_outbox._replay import Replay, ReplaySelection, parse_time
 from mongo_outbox.cli import main
@@ -318,6 +323,7 @@ def test_relay_command_publishes_cloudevents(
         (["--type", "T", "--message-format", "xml"], "'xml' is not one of"),
         (["--type", "T", "--rate", "0"], "must be positive"),
         (["--type", "T", "--to-topic", "no spaces"], "invalid topic 'no spaces'"),
+        (["--after", "xyz"], "'xyz' is not a valid ObjectId"),
         (["--type", "T", "--default-topic", "goog-x"], "invalid topic 'goog-x'"),
     ],
 )
@@ -446,3 +452,40 @@ def test_stop_cuts_a_rate_wait_short(client, db_name):
     result = replay.run(stop)
     assert time.monotonic() - started < 30
     assert (result.published, result.interrupted) == (1, True)
+
+
+def test_after_goes_on_from_the_last_replayed_event(client, db_name):
+    ids = _write(client, db_name, "orders", 10)
+    client[db_name].outbox.update_many({}, {"$set": {"status": "published"}})
+    publisher = InMemoryPublisher()
+    publisher.fail_topic("orders")  # permanent: the replay stops at once
+    first = Replay(client[db_name].outbox, publisher, ReplaySelection(after=ids[3])).run()
+    assert first.failure is not None  # nothing went out, so there is nothing to go on after
+    assert first.failure.startswith("replay stopped, publishing failed")
+    assert "--after" not in first.failure
+    healed = InMemoryPublisher()
+    result = Replay(client[db_name].outbox, healed, ReplaySelection(after=ids[3])).run()
+    assert [m.event_id for m in healed.messages] == ids[4:]
+    assert result.last_id == ids[-1]
+
+
+def test_a_stopped_replay_says_how_to_go_on(published, monkeypatch, capsys):
+    calls = []
+
+    def publish_then_fail(self, messages, *, timeout=None):
+        calls.append(len(messages))
+        if len(calls) > 1:
+            return [PermanentPublishError("refused")] * len(messages)
+        return [None] * len(messages)
+
+    monkeypatch.setattr("mongo_outbox.publishers.PubSubPublisher.publish", publish_then_fail)
+    code, _, err = _cli(
+        monkeypatch, capsys, "replay", *published.flags, "--since", "1h", "--rate", "5"
+    )
+    assert code == 1
+    last = published.ids[4]
+    assert f"the last replayed event is {last}: rerun with --after {last} to go on" in err
+    code, out, _ = _cli(
+        monkeypatch, capsys, "replay", *published.flags, "--after", str(last), "--dry-run"
+    )
+    assert (code, out) == (0, f"would replay 15 events: {published.topic} 15\n")
