@@ -16,7 +16,7 @@ from helpers import wait_for
 from pymongo import MongoClient
 from pymongo.errors import AutoReconnect
 
-from mongo_outbox import outbox_transaction
+from mongo_outbox import InMemoryPublisher, Relay, RelayConfig, outbox_transaction
 from mongo_outbox._admin import OutboxAdmin
 from mongo_outbox._partition import Partition, slot_for
 from mongo_outbox._store import SLOT_INDEX, state_collection_name
@@ -163,6 +163,8 @@ def test_a_relay_without_partitions_waits_for_a_live_group_and_back(
     # Now a group member waits for the relay without partitions.
     waiting = relay_factory(db_name, owner="member-b", default_topic=topic, partitions=2)
     _emit(client, db_name, 10, keys=2)
+    # Its heartbeat proves it is up and ticking: only then does owning nothing mean waiting.
+    wait_for(lambda: state.find_one({"_id": "default#member:member-b"}), timeout=30)
     with pytest.raises(AssertionError):
         wait_for(lambda: _owned(client, db_name, "member-b"), timeout=3)
     single.release()
@@ -238,3 +240,24 @@ def test_a_member_that_cannot_prepare_the_outbox_still_publishes(
     _emit(client, db_name, 20, keys=4)
     sub.pull_until(20, timeout=30)
     assert runner.thread.is_alive()
+
+
+def test_run_once_of_a_member_forgets_its_partition_relays(client, db_name):
+    _emit(client, db_name, 40, keys=8)
+    config = RelayConfig(database=db_name, partitions=4, default_topic="orders")
+    relay = Relay(client, InMemoryPublisher(), config)
+    assert relay.run_once() == 40
+    assert relay.run_once() == 0
+    assert relay._partitions == []  # each partition's relay retired, its counters kept
+    assert relay.stats.published == 40
+
+
+def test_a_members_partitions_share_its_memory_budget(client, db_name):
+    config = RelayConfig(
+        database=db_name, partitions=4, queue_bytes=40_000_000, max_batch_bytes=20_000_000
+    )
+    relay = Relay(client, InMemoryPublisher(), config)
+    parts = [relay._enlist(Partition(i, 4)) for i in range(4)]
+    assert sum(p.config.queue_bytes for p in parts) <= config.queue_bytes
+    assert sum(p.config.max_batch_bytes for p in parts) <= config.max_batch_bytes
+    assert all(p.config.name == config.name for p in parts)

@@ -16,6 +16,7 @@ topic breaker), :class:`Sweeper` and :class:`Tailer` (the two ways events come i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -76,9 +77,19 @@ class Relay:
 
     @classmethod
     def _of_partition(cls, group: Relay, partition: Partition) -> Relay:
-        """The relay of one partition, working for the group member ``group``."""
+        """The relay of one partition, working for the group member ``group``.
+
+        The member's byte budgets are shared by all its partitions (which may all run at once),
+        so memory stays bounded by the member's settings, not by them times the partitions.
+        """
+        config, parts = group.config, group.config.partitions
+        share = dataclasses.replace(
+            config,
+            queue_bytes=max(1, config.queue_bytes // parts),
+            max_batch_bytes=max(1, config.max_batch_bytes // parts),
+        )
         relay = cls.__new__(cls)
-        relay._setup(group.client, group.publisher, group.config, partition, group)
+        relay._setup(group.client, group.publisher, share, partition, group)
         return relay
 
     def _setup(
@@ -236,9 +247,14 @@ class Relay:
             raise ConfigurationError(missing)
         if self._partitions is not None:
             # A group member drains every partition in turn (each under its own lease).
-            count = self.config.partitions
-            relays = [self._enlist(Partition(i, count)) for i in range(count)]
-            return sum(relay.run_once() for relay in relays)
+            published = 0
+            for i in range(self.config.partitions):
+                relay = self._enlist(Partition(i, self.config.partitions))
+                try:
+                    published += relay.run_once()
+                finally:
+                    self._retire(relay)
+            return published
         before = self.stats.published
         try:
             if not self._take_lease(timeout=self.config.lease_ttl + 1.0):
