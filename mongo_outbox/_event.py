@@ -22,6 +22,9 @@ from bson.tz_util import utc as _BSON_UTC
 
 from ._errors import PoisonEventError, ValidationError
 from ._formats import (
+    ATTR_CREATED_AT,
+    ATTR_EVENT_ID,
+    ATTR_EVENT_TYPE,
     ATTR_REPLAY,
     CE_ID,
     CE_SOURCE,
@@ -55,9 +58,6 @@ __all__ = [
     "message_from_document",
 ]
 
-ATTR_EVENT_ID = "outbox_event_id"
-ATTR_EVENT_TYPE = "outbox_event_type"
-ATTR_CREATED_AT = "outbox_created_at"
 # The event's W3C trace context, under the names google-cloud-pubsub's own tracing uses.
 ATTR_TRACEPARENT = "googclient_traceparent"
 ATTR_TRACESTATE = "googclient_tracestate"

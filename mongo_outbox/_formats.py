@@ -27,6 +27,9 @@ __all__ = [
 
 FORMATS = ("outbox", "cloudevents")
 
+ATTR_EVENT_ID = "outbox_event_id"
+ATTR_EVENT_TYPE = "outbox_event_type"
+ATTR_CREATED_AT = "outbox_created_at"
 ATTR_REPLAY = "outbox_replay"
 CE_SPECVERSION = "ce-specversion"
 CE_ID = "ce-id"
@@ -81,13 +84,13 @@ class MessageFormat:
     def __post_init__(self) -> None:
         if self.cloudevents_source is None:
             added = 3
-            overhead = len("outbox_event_idoutbox_event_typeoutbox_created_at") + 24 + 24
+            overhead = len(ATTR_EVENT_ID + ATTR_EVENT_TYPE + ATTR_CREATED_AT) + 24 + 24
         else:
             check_source(self.cloudevents_source)
             added = len(CE_ATTRIBUTES) + 1
             overhead = (
                 sum(len(n) for n in CE_ATTRIBUTES)
-                + len("outbox_event_id")
+                + len(ATTR_EVENT_ID)
                 + 3  # "1.0"
                 + 24 * 3  # ce-id, outbox_event_id, ce-time
                 + len(self.cloudevents_source)

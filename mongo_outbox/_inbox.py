@@ -25,6 +25,7 @@ from pymongo.write_concern import WriteConcern
 from ._errors import ConfigurationError
 from ._event import ATTR_EVENT_ID, ATTR_EVENT_TYPE, utcnow
 from ._formats import CE_TYPE
+from ._retention import set_retention
 from ._transaction import (
     OutboxTransaction,
     _database_name,
@@ -153,13 +154,7 @@ class Inbox:
             return True
 
         with self._outcome() as outcome:
-            run_in_outbox_transaction(
-                self.client,
-                body,
-                database=self.database,
-                collection=self.outbox,
-                write_concern=self._write_concern,
-            )
+            self._transaction(body)
         return outcome.ran
 
     async def _process_async(
@@ -179,14 +174,18 @@ class Inbox:
             return True
 
         with self._outcome() as outcome:
-            await run_in_outbox_transaction(
-                self.client,
-                body,
-                database=self.database,
-                collection=self.outbox,
-                write_concern=self._write_concern,
-            )
+            await self._transaction(body)
         return outcome.ran
+
+    def _transaction(self, body: Callable[[Any], Any]) -> Any:
+        """``body`` in one outbox transaction of this inbox (awaitable with an async client)."""
+        return run_in_outbox_transaction(
+            self.client,
+            body,
+            database=self.database,
+            collection=self.outbox,
+            write_concern=self._write_concern,
+        )
 
     @contextmanager
     def _outcome(self) -> Iterator[_Outcome]:
@@ -300,8 +299,6 @@ class Inbox:
             if exc.code != 48:  # NamespaceExists
                 raise
         if retention is not None:
-            from ._retention import set_retention
-
             set_retention(db[self.collection], "processed_at", retention)
 
 

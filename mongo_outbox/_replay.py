@@ -214,7 +214,8 @@ class Replay:
         if self._publisher is None:
             raise ConfigurationError("a replay without a publisher can only count")
         stop = stop or threading.Event()
-        total = sum(self.count_by_topic().values())
+        # The count is only for the progress display: without one, no extra pass over the index.
+        total = sum(self.count_by_topic().values()) if self._on_progress else 0
         result = ReplayResult()
         started = self._clock()
         done = 0

@@ -22,6 +22,7 @@ from pymongo.read_concern import ReadConcern
 from ._errors import ConfigurationError
 from ._event import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED
 from ._partition import Partition, slot_for
+from ._retention import set_retention
 
 __all__ = [
     "RAW",
@@ -103,8 +104,6 @@ def ensure_indexes(
         ensure_slot_index(db[collection])  # first: it serves the search for slotless events
         assign_missing_slots(db[collection])
     if retention is not None:
-        from ._retention import set_retention
-
         ttl = None if retention == "off" else retention
         set_retention(db[collection], "published_at", ttl)
         if inbox in db.list_collection_names(filter={"name": inbox}):

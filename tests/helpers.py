@@ -14,7 +14,19 @@ import bson
 from bson.raw_bson import RawBSONDocument
 from google.cloud import pubsub_v1
 
+from mongo_outbox.cli import main
 from mongo_outbox.relay import Relay
+
+
+def run_cli(argv: list[str], capsys: Any) -> tuple[int, str, str]:
+    """Run ``main`` as the console script would (a return value or SystemExit is the code);
+    return the code and what it printed."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> Any:

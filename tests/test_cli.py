@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 import pytest
-from helpers import free_port
+from helpers import free_port, run_cli
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
@@ -46,16 +46,6 @@ def _clean_env(monkeypatch):
         if name.startswith("MONGO_OUTBOX_") and name != REQUIRE_SERVICES_ENV:
             monkeypatch.delenv(name)
     monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
-
-
-def _exit_code(argv, capsys) -> tuple[int, str, str]:
-    """Run ``main`` as the console script would: a return value or SystemExit is the code."""
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -97,7 +87,7 @@ def closed_port() -> Iterator[int]:
 
 
 def test_help_mentions_every_command(capsys):
-    code, out, _ = _exit_code(["--help"], capsys)
+    code, out, _ = run_cli(["--help"], capsys)
     assert code == 0
     for command in COMMANDS:
         assert re.search(rf"^\s+{command}\s", out, re.MULTILINE), command
@@ -117,7 +107,7 @@ def test_help_from_the_real_command(script):
 
 
 def test_relay_help_lists_the_contract_flags(capsys):
-    code, out, _ = _exit_code(["relay", "--help"], capsys)
+    code, out, _ = run_cli(["relay", "--help"], capsys)
     assert code == 0
     for flag in [
         "--mongo-uri",
@@ -152,7 +142,7 @@ def test_no_command_as_a_process():
     ids=["top-flag", "sub-flag", "command", "checkpoint-action"],
 )
 def test_bad_arguments_exit_2(argv, capsys):
-    code, _, err = _exit_code(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 2
     line = _one_error_line(err)
     assert line.startswith("mongo-outbox: error:")
@@ -176,7 +166,7 @@ def _one_error_line(err: str) -> str:
 
 
 def test_relay_without_uri(capsys):
-    code, _, err = _exit_code(["relay", "--project", "p", "--database", "d"], capsys)
+    code, _, err = run_cli(["relay", "--project", "p", "--database", "d"], capsys)
     assert code == 2
     line = _one_error_line(err)
     assert line.startswith("mongo-outbox: error: no MongoDB URI")
@@ -192,18 +182,18 @@ def test_relay_without_uri_as_a_process():
 
 
 def test_relay_without_project(capsys):
-    code, _, err = _exit_code(["relay", "--mongo-uri", "mongodb://x", "--database", "d"], capsys)
+    code, _, err = run_cli(["relay", "--mongo-uri", "mongodb://x", "--database", "d"], capsys)
     assert code == 2
     assert "no Google Cloud project" in _one_error_line(err)
 
 
 @pytest.mark.parametrize("command", [["init"], ["status"], ["checkpoint", "reset"]])
 def test_commands_without_uri_or_database(command, capsys):
-    code, _, err = _exit_code(command, capsys)
+    code, _, err = run_cli(command, capsys)
     assert code == 2
     assert "no MongoDB URI" in _one_error_line(err)
     # The database is checked before connecting: no wait on an unreachable server.
-    code, _, err = _exit_code([*command, "--mongo-uri", "mongodb://127.0.0.1:1"], capsys)
+    code, _, err = run_cli([*command, "--mongo-uri", "mongodb://127.0.0.1:1"], capsys)
     assert code == 2
     assert "no database" in _one_error_line(err)
 
@@ -225,7 +215,7 @@ def test_commands_without_uri_or_database(command, capsys):
 def test_bad_relay_settings_exit_2_before_connecting(flags, match, capsys):
     started = time.monotonic()
     argv = ["relay", "--project", "p", "--mongo-uri", "mongodb://127.0.0.1:1", "--database", "d"]
-    code, _, err = _exit_code([*argv, *flags], capsys)
+    code, _, err = run_cli([*argv, *flags], capsys)
     assert code == 2
     line = _one_error_line(err)
     assert match in line
@@ -324,7 +314,7 @@ def test_boolean_environment_values(value, expected, monkeypatch):
 @pytest.mark.parametrize("var", ["MONGO_OUTBOX_ONCE", "MONGO_OUTBOX_CREATE_TOPICS"])
 def test_bad_boolean_environment_value_exits_2(var, monkeypatch, capsys):
     monkeypatch.setenv(var, "maybe")
-    code, _, err = _exit_code(["relay", "--project", "p"], capsys)
+    code, _, err = run_cli(["relay", "--project", "p"], capsys)
     assert code == 2
     line = _one_error_line(err)
     assert f"{var}='maybe' is not a boolean" in line
@@ -378,7 +368,7 @@ def test_bad_log_level_environment_value_exits_2():
 def test_unreachable_server_exits_3_naming_the_host(closed_port, capsys):
     uri = f"mongodb://127.0.0.1:{closed_port}/?serverSelectionTimeoutMS=500"
     started = time.monotonic()
-    code, _, err = _exit_code(
+    code, _, err = run_cli(
         ["status", "--mongo-uri", uri, "--database", "d", "--connect-timeout", "1"], capsys
     )
     assert code == 3
@@ -434,7 +424,7 @@ def test_password_is_never_printed_when_unreachable(userinfo, closed_port):
     ids=["port", "port-range", "ipv6", "srv-port"],
 )
 def test_password_is_never_printed_for_an_invalid_uri(uri, capsys):
-    code, out, err = _exit_code(["init", "--mongo-uri", uri, "--database", "d"], capsys)
+    code, out, err = run_cli(["init", "--mongo-uri", uri, "--database", "d"], capsys)
     assert code == 2
     assert "invalid MongoDB URI" in _one_error_line(err)
     assert SECRET not in err
@@ -442,7 +432,7 @@ def test_password_is_never_printed_for_an_invalid_uri(uri, capsys):
 
 
 def test_invalid_uri_exits_2(capsys):
-    code, _, err = _exit_code(["init", "--mongo-uri", "notmongo://x", "--database", "d"], capsys)
+    code, _, err = run_cli(["init", "--mongo-uri", "notmongo://x", "--database", "d"], capsys)
     assert code == 2
     line = _one_error_line(err)
     assert "invalid MongoDB URI" in line
@@ -534,7 +524,7 @@ def standalone_uri(tmp_path_factory) -> Iterator[str]:
 
 @pytest.mark.parametrize("command", [["init"], ["status"], ["relay", "--project", "p"]])
 def test_standalone_server_exits_2_asking_for_a_replica_set(command, standalone_uri, capsys):
-    code, _, err = _exit_code(
+    code, _, err = run_cli(
         [*command, "--mongo-uri", standalone_uri, "--database", "d", "--connect-timeout", "5"],
         capsys,
     )
@@ -546,9 +536,7 @@ def test_standalone_server_exits_2_asking_for_a_replica_set(command, standalone_
 
 
 def test_standalone_server_is_left_untouched(standalone_uri, capsys):
-    code, _, _ = _exit_code(
-        ["init", "--mongo-uri", standalone_uri, "--database", "untouched"], capsys
-    )
+    code, _, _ = run_cli(["init", "--mongo-uri", standalone_uri, "--database", "untouched"], capsys)
     assert code == 2
     with contextlib.closing(MongoClient(standalone_uri, serverSelectionTimeoutMS=5000)) as client:
         assert "untouched" not in client.list_database_names()
@@ -568,21 +556,21 @@ def _seed(client: MongoClient, database: str) -> dict[str, list]:
 
 def test_init_then_status(mongodb_uri, outbox_database, mongo_client, capsys):
     base = ["--mongo-uri", mongodb_uri, "--database", outbox_database]
-    code, out, err = _exit_code(["init", *base], capsys)
+    code, out, err = run_cli(["init", *base], capsys)
     assert code == 0, err
     assert f"{outbox_database}.outbox ready" in out
     db = mongo_client[outbox_database]
     assert {"outbox", "outbox_relay_state"} <= set(db.list_collection_names())
     assert PENDING_INDEX in db.outbox.index_information()
 
-    code, out, err = _exit_code(["status", *base], capsys)
+    code, out, err = run_cli(["status", *base], capsys)
     assert code == 0, err
     assert re.search(r"^pending\s+0$", out, re.MULTILINE), out
     assert re.search(r"^dead\s+0$", out, re.MULTILINE), out
     assert re.search(r"^checkpoint \(default\)\s+none$", out, re.MULTILINE), out
 
     seeded = _seed(mongo_client, outbox_database)
-    code, out, err = _exit_code(["status", *base], capsys)
+    code, out, err = run_cli(["status", *base], capsys)
     assert code == 0, err
     assert re.search(r"^pending\s+2$", out, re.MULTILINE), out
     assert re.search(r"^published\s+1$", out, re.MULTILINE), out
@@ -595,9 +583,9 @@ def test_init_with_partitions_creates_the_index_of_their_sweeps(
     mongodb_uri, outbox_database, mongo_client, capsys
 ):
     base = ["--mongo-uri", mongodb_uri, "--database", outbox_database]
-    assert _exit_code(["init", *base], capsys)[0] == 0
+    assert run_cli(["init", *base], capsys)[0] == 0
     assert SLOT_INDEX not in mongo_client[outbox_database].outbox.index_information()
-    assert _exit_code(["init", *base, "--partitions", "4"], capsys)[0] == 0
+    assert run_cli(["init", *base, "--partitions", "4"], capsys)[0] == 0
     index = mongo_client[outbox_database].outbox.index_information()[SLOT_INDEX]
     assert index["key"] == [("status", 1), ("slot", 1), ("_id", 1)]
 
@@ -608,25 +596,25 @@ def test_init_retention_keeps_changes_and_removes_the_ttl_indexes(
     base = ["--mongo-uri", mongodb_uri, "--database", outbox_database]
     db = mongo_client[outbox_database]
     db.create_collection("inbox")
-    code, out, err = _exit_code(["init", *base, "--retention", "7d"], capsys)
+    code, out, err = run_cli(["init", *base, "--retention", "7d"], capsys)
     assert code == 0, err
     assert "retention 7d" in out
     assert db.outbox.index_information()[OUTBOX_TTL_INDEX]["expireAfterSeconds"] == 604800
     assert db.inbox.index_information()[INBOX_TTL_INDEX]["expireAfterSeconds"] == 604800
-    assert _exit_code(["init", *base, "--retention", "36h"], capsys)[0] == 0
+    assert run_cli(["init", *base, "--retention", "36h"], capsys)[0] == 0
     assert db.outbox.index_information()[OUTBOX_TTL_INDEX]["expireAfterSeconds"] == 129600
-    code, out, _ = _exit_code(["status", *base], capsys)
+    code, out, _ = run_cli(["status", *base], capsys)
     assert re.search(r"^retention\s+outbox 36h, inbox 36h$", out, re.MULTILINE), out
-    assert _exit_code(["init", *base, "--retention", "off"], capsys)[0] == 0
+    assert run_cli(["init", *base, "--retention", "off"], capsys)[0] == 0
     assert OUTBOX_TTL_INDEX not in db.outbox.index_information()
     assert INBOX_TTL_INDEX not in db.inbox.index_information()
-    code, out, _ = _exit_code(["status", *base], capsys)
+    code, out, _ = run_cli(["status", *base], capsys)
     assert re.search(r"^retention\s+outbox none, inbox none$", out, re.MULTILINE), out
 
 
 def test_init_with_a_bad_retention_exits_2_before_connecting(capsys):
     argv = ["init", "--mongo-uri", "mongodb://127.0.0.1:1", "--database", "d"]
-    code, _, err = _exit_code([*argv, "--retention", "a week"], capsys)
+    code, _, err = run_cli([*argv, "--retention", "a week"], capsys)
     assert code == 2
     assert "--retention: 'a week' is not a duration" in _one_error_line(err)
 
@@ -670,7 +658,7 @@ def test_status_json(mongodb_uri, outbox_database, mongo_client):
 
 
 def test_status_json_of_an_empty_outbox(mongodb_uri, db_name, capsys):
-    code, out, err = _exit_code(
+    code, out, err = run_cli(
         ["status", "--json", "--mongo-uri", mongodb_uri, "--database", db_name], capsys
     )
     assert code == 0, err
@@ -688,17 +676,17 @@ def test_checkpoint_reset(mongodb_uri, outbox_database, mongo_client, capsys):
     store.save_token("other", {"_data": "02"}, now)
     base = ["--mongo-uri", mongodb_uri, "--database", outbox_database]
 
-    code, out, err = _exit_code(["checkpoint", "reset", *base], capsys)
+    code, out, err = run_cli(["checkpoint", "reset", *base], capsys)
     assert code == 0, err
     assert out.strip() == "checkpoint of relay 'default' reset"
     assert "resume_token" not in store.load_state("default")
     assert store.load_state("other")["resume_token"] == {"_data": "02"}
 
-    code, out, err = _exit_code(["checkpoint", "reset", *base], capsys)
+    code, out, err = run_cli(["checkpoint", "reset", *base], capsys)
     assert code == 0, err
     assert out.strip() == "checkpoint of relay 'default' was not set"
 
-    code, out, err = _exit_code(["checkpoint", "reset", "--name", "other", *base], capsys)
+    code, out, err = run_cli(["checkpoint", "reset", "--name", "other", *base], capsys)
     assert code == 0, err
     assert "resume_token" not in store.load_state("other")
 
@@ -720,21 +708,21 @@ def test_requeue_by_id_of_any_type(mongodb_uri, outbox_database, mongo_client, c
     def statuses() -> dict:
         return {d["_id"]: d["status"] for d in outbox.find({}, {"status": 1})}
 
-    code, out, err = _exit_code([*base, "--id", "abc"], capsys)
+    code, out, err = run_cli([*base, "--id", "abc"], capsys)
     assert code == 0, err
     assert out.strip() == "requeued 1 dead event"
     assert statuses() == {"abc": "pending", 42: "dead", ids[2]: "dead"}
 
-    code, out, err = _exit_code([*base, "--id", "42"], capsys)
+    code, out, err = run_cli([*base, "--id", "42"], capsys)
     assert code == 0, err
     assert out.strip() == "requeued 1 dead event"
     assert statuses() == {"abc": "pending", 42: "pending", ids[2]: "dead"}
 
-    code, out, err = _exit_code([*base, "--id", "nothing-like-it", "--id", "7"], capsys)
+    code, out, err = run_cli([*base, "--id", "nothing-like-it", "--id", "7"], capsys)
     assert code == 0, err
     assert out.strip() == "requeued 0 dead events"
 
-    code, out, err = _exit_code([*base, "--id", str(ids[2]).upper()], capsys)
+    code, out, err = run_cli([*base, "--id", str(ids[2]).upper()], capsys)
     assert code == 0, err
     assert out.strip() == "requeued 1 dead event"
     assert set(statuses().values()) == {"pending"}
@@ -778,7 +766,7 @@ def test_status_shows_live_relays_and_warns_about_two_names(
         "standby)"
     )
 
-    code, out, err = _exit_code(base, capsys)
+    code, out, err = run_cli(base, capsys)
     assert code == 0, err
     assert re.search(
         r"^live relays\s+billing \(host:2, \d+\.\ds left\), default \(host:1, \d+\.\ds left\)$",
@@ -787,7 +775,7 @@ def test_status_shows_live_relays_and_warns_about_two_names(
     ), out
     assert f"warning: {warning}" in out.splitlines()
 
-    code, out, err = _exit_code([*base, "--json"], capsys)
+    code, out, err = run_cli([*base, "--json"], capsys)
     assert code == 0, err
     report = json.loads(out)
     relays = {r["name"]: r for r in report["relays"]}
@@ -827,7 +815,7 @@ def test_connection_failures_are_library_errors(closed_port):
 def test_version(capsys):
     from mongo_outbox import __version__
 
-    code, out, _ = _exit_code(["--version"], capsys)
+    code, out, _ = run_cli(["--version"], capsys)
     assert code == 0
     assert out.strip() == f"mongo-outbox {__version__}"
     result = _run("--version", script=True)
@@ -843,7 +831,7 @@ def _description(help_text: str) -> str:
 
 @pytest.mark.parametrize("command", sorted({*COMMANDS, "dead"}))
 def test_every_command_has_a_description(command, capsys):
-    code, out, _ = _exit_code([command, "--help"], capsys)
+    code, out, _ = run_cli([command, "--help"], capsys)
     assert code == 0
     description = _description(out)
     assert description, out
@@ -853,7 +841,7 @@ def test_every_command_has_a_description(command, capsys):
 @pytest.mark.parametrize("command", ["", *sorted(cli.cli.commands)])
 def test_help_of_every_command_shows_the_variable_of_every_option(command, capsys):
     group = cli.cli
-    code, out, _ = _exit_code([command, "--help"] if command else ["--help"], capsys)
+    code, out, _ = run_cli([command, "--help"] if command else ["--help"], capsys)
     assert code == 0
     flat = " ".join(out.split())  # an option's help may wrap anywhere
     options = [
@@ -869,8 +857,8 @@ def test_help_of_every_command_shows_the_variable_of_every_option(command, capsy
 
 
 def test_checkpoint_promises_only_what_it_offers(capsys):
-    _, top, _ = _exit_code(["--help"], capsys)
-    _, out, _ = _exit_code(["checkpoint", "--help"], capsys)
+    _, top, _ = run_cli(["--help"], capsys)
+    _, out, _ = run_cli(["checkpoint", "--help"], capsys)
     for text in (top, out):
         if "inspect" in text:
             assert "show" in text
@@ -925,7 +913,7 @@ def test_log_settings_from_the_environment(monkeypatch):
 
 
 def test_bad_log_format_exits_2(capsys):
-    code, _, err = _exit_code(["relay", "--log-format", "xml"], capsys)
+    code, _, err = run_cli(["relay", "--log-format", "xml"], capsys)
     assert code == 2
     assert "xml" in _one_error_line(err)
     result = _run("init", env=_env(MONGO_OUTBOX_LOG_FORMAT="yaml"))
@@ -970,14 +958,14 @@ def _failing(client: MongoClient, database: str) -> list:
 def test_status_shows_pending_events_that_failed(mongodb_uri, db_name, client, capsys):
     _failing(client, db_name)
     base = ["status", "--mongo-uri", mongodb_uri, "--database", db_name]
-    code, out, err = _exit_code(base, capsys)
+    code, out, err = run_cli(base, capsys)
     assert code == 0, err
     assert re.search(r"^pending\s+4$", out, re.MULTILINE), out
     assert re.search(r"^failing\s+3$", out, re.MULTILINE), out
     assert "2 events, up to 2 attempts: topic orders does not exist" in out
     assert "1 event, up to 0 attempts: refused earlier, requeued" in out
 
-    code, out, err = _exit_code([*base, "--json"], capsys)
+    code, out, err = run_cli([*base, "--json"], capsys)
     assert code == 0, err
     report = json.loads(out)
     assert report["failing"] == 3
@@ -996,7 +984,7 @@ def test_status_json_datetimes_are_iso_8601(mongodb_uri, db_name, client, capsys
     OutboxStore(client[db_name]).save_token(
         "default", {"_data": "00"}, dt.datetime.now(dt.timezone.utc)
     )
-    code, out, err = _exit_code(
+    code, out, err = run_cli(
         ["status", "--json", "--mongo-uri", mongodb_uri, "--database", db_name], capsys
     )
     assert code == 0, err
@@ -1012,10 +1000,10 @@ def test_status_json_datetimes_are_iso_8601(mongodb_uri, db_name, client, capsys
 def test_status_check_passes_on_a_healthy_outbox(mongodb_uri, db_name, client, capsys):
     client[db_name].outbox.insert_one(ev.build_document("E", b"x"))  # fresh and pending
     base = ["status", "--mongo-uri", mongodb_uri, "--database", db_name]
-    code, out, err = _exit_code([*base, "--check", "--max-lag", "300"], capsys)
+    code, out, err = run_cli([*base, "--check", "--max-lag", "300"], capsys)
     assert code == 0, err
     assert "check ok" in out
-    code, out, err = _exit_code([*base, "--check", "--json"], capsys)
+    code, out, err = run_cli([*base, "--check", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["check"] == {"ok": True, "failures": []}
 
@@ -1023,9 +1011,9 @@ def test_status_check_passes_on_a_healthy_outbox(mongodb_uri, db_name, client, c
 def test_status_check_fails_on_dead_events(mongodb_uri, db_name, client, capsys):
     _seed(client, db_name)
     base = ["status", "--mongo-uri", mongodb_uri, "--database", db_name]
-    code, _, err = _exit_code(base, capsys)
+    code, _, err = run_cli(base, capsys)
     assert code == 0, err  # without --check the status is only shown
-    code, out, _ = _exit_code([*base, "--check"], capsys)
+    code, out, _ = run_cli([*base, "--check"], capsys)
     assert code == _cli_commands.EXIT_CHECK == 4
     assert "check failed: 1 dead event" in out
     assert "mongo-outbox requeue" in out
@@ -1041,9 +1029,9 @@ def test_status_check_fails_on_lag(mongodb_uri, db_name, client, capsys):
     doc["created_at"] = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
     client[db_name].outbox.insert_one(doc)
     base = ["status", "--mongo-uri", mongodb_uri, "--database", db_name]
-    code, out, err = _exit_code([*base, "--check"], capsys)
+    code, out, err = run_cli([*base, "--check"], capsys)
     assert code == 0, err  # no lag limit given: only dead events fail the check
-    code, out, _ = _exit_code([*base, "--check", "--max-lag", "60"], capsys)
+    code, out, _ = run_cli([*base, "--check", "--max-lag", "60"], capsys)
     assert code == 4
     assert re.search(r"check failed: the oldest pending event is \d+s old \(limit 60s\)", out), out
     result = _run(*base, env=_env(MONGO_OUTBOX_CHECK="1", MONGO_OUTBOX_MAX_LAG="60"))
@@ -1051,7 +1039,7 @@ def test_status_check_fails_on_lag(mongodb_uri, db_name, client, capsys):
 
 
 def test_status_max_lag_must_be_positive(capsys):
-    code, _, err = _exit_code(["status", "--check", "--max-lag", "-1"], capsys)
+    code, _, err = run_cli(["status", "--check", "--max-lag", "-1"], capsys)
     assert code == 2
     assert "must be positive" in _one_error_line(err)
 
@@ -1063,7 +1051,7 @@ def test_status_of_a_missing_outbox_says_so_and_creates_nothing(
     database, collection = (f"{db_name}x", "outbox") if where == "database" else (db_name, "oops")
     argv = ["--mongo-uri", mongodb_uri, "--database", database, "--collection", collection]
     for command in (["status"], ["status", "--check"], ["dead"], ["checkpoint", "show"]):
-        code, out, err = _exit_code([*command, *argv], capsys)
+        code, out, err = run_cli([*command, *argv], capsys)
         assert code == 2, (command, out, err)
         line = _one_error_line(err)
         assert f"no outbox collection {database}.{collection}" in line
@@ -1080,7 +1068,7 @@ def test_dead_lists_dead_events_with_reasons(mongodb_uri, db_name, client, capsy
     ids = _dead_docs(client, db_name)
     client[db_name].outbox.insert_one(ev.build_document("Alive", b"x"))
     base = ["dead", "--mongo-uri", mongodb_uri, "--database", db_name]
-    code, out, err = _exit_code(base, capsys)
+    code, out, err = run_cli(base, capsys)
     assert code == 0, err
     lines = out.strip().splitlines()
     assert len(lines) == 3, out
@@ -1088,7 +1076,7 @@ def test_dead_lists_dead_events_with_reasons(mongodb_uri, db_name, client, capsy
     assert any(line.startswith("42 OrderCreated") and "key=order-1" in line for line in lines)
     assert any(line.startswith(str(ids[2])) for line in lines)
 
-    code, out, err = _exit_code([*base, "--json"], capsys)
+    code, out, err = run_cli([*base, "--json"], capsys)
     assert code == 0, err
     report = json.loads(out)
     assert report["total"] == 3
@@ -1104,7 +1092,7 @@ def test_dead_filters_and_limit(mongodb_uri, db_name, client, capsys):
     base = ["dead", "--json", "--mongo-uri", mongodb_uri, "--database", db_name]
 
     def listed(*flags: str) -> list[str]:
-        code, out, err = _exit_code([*base, *flags], capsys)
+        code, out, err = run_cli([*base, *flags], capsys)
         assert code == 0, err
         return sorted(e["id"] for e in json.loads(out)["events"])
 
@@ -1114,16 +1102,16 @@ def test_dead_filters_and_limit(mongodb_uri, db_name, client, capsys):
     assert listed("--type", "Nope") == []
     assert listed("--older-than", "3600") == []
     assert len(listed("--limit", "2")) == 2
-    code, out, err = _exit_code([*base, "--limit", "2"], capsys)
+    code, out, err = run_cli([*base, "--limit", "2"], capsys)
     assert code == 0, err
     assert json.loads(out)["total"] == 3
-    code, out, err = _exit_code(["dead", "--limit", "2", *base[2:]], capsys)
+    code, out, err = run_cli(["dead", "--limit", "2", *base[2:]], capsys)
     assert code == 0, err
     assert "showing 2 of 3" in out
 
 
 def test_dead_of_an_outbox_with_none(mongodb_uri, db_name, capsys):
-    code, out, err = _exit_code(["dead", "--mongo-uri", mongodb_uri, "--database", db_name], capsys)
+    code, out, err = run_cli(["dead", "--mongo-uri", mongodb_uri, "--database", db_name], capsys)
     assert code == 0, err
     assert out.strip() == "no dead events"
 
@@ -1133,7 +1121,7 @@ def test_dead_of_an_outbox_with_none(mongodb_uri, db_name, capsys):
 
 def test_checkpoint_show(mongodb_uri, db_name, client, capsys):
     base = ["checkpoint", "show", "--mongo-uri", mongodb_uri, "--database", db_name]
-    code, out, err = _exit_code(base, capsys)
+    code, out, err = run_cli(base, capsys)
     assert code == 0, err
     assert "relay 'default' has no checkpoint" in out
     at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=90)
@@ -1141,11 +1129,11 @@ def test_checkpoint_show(mongodb_uri, db_name, client, capsys):
     seconds = int(time.time()) - 120
     token = {"_data": "82" + seconds.to_bytes(4, "big").hex() + "00000001" + "2B0229296E04"}
     OutboxStore(client[db_name]).save_token("default", token, at)
-    code, out, err = _exit_code(base, capsys)
+    code, out, err = run_cli(base, capsys)
     assert code == 0, err
     assert re.search(r"^checkpoint at\s+\S+Z \(9\d\.\ds ago\)$", out, re.MULTILINE), out
     assert re.search(r"^token time\s+\S+Z \(1[12]\d\.\ds ago\)$", out, re.MULTILINE), out
-    code, out, err = _exit_code([*base, "--json"], capsys)
+    code, out, err = run_cli([*base, "--json"], capsys)
     assert code == 0, err
     report = json.loads(out)
     assert report["relay"] == "default"
@@ -1223,12 +1211,12 @@ def test_requeue_filters_come_from_the_environment(
     outbox = mongo_client[outbox_database].outbox
     base = ["requeue", "--mongo-uri", mongodb_uri, "--database", outbox_database]
     monkeypatch.setenv("MONGO_OUTBOX_ID", "abc, 42")
-    code, out, err = _exit_code(base, capsys)
+    code, out, err = run_cli(base, capsys)
     assert code == 0, err
     assert out.strip() == "requeued 2 dead events"
     monkeypatch.delenv("MONGO_OUTBOX_ID")
     monkeypatch.setenv("MONGO_OUTBOX_ALL", "1")
-    code, out, err = _exit_code(base, capsys)
+    code, out, err = run_cli(base, capsys)
     assert code == 0, err
     assert out.strip() == "requeued 1 dead event"
     assert outbox.count_documents({"status": "dead"}) == 0
@@ -1240,9 +1228,9 @@ def test_status_shows_the_retention_of_a_named_inbox(
     base = ["--mongo-uri", mongodb_uri, "--database", outbox_database]
     mongo_client[outbox_database].create_collection("billing_inbox")
     flags = [*base, "--inbox-collection", "billing_inbox"]
-    assert _exit_code(["init", *flags, "--retention", "2d"], capsys)[0] == 0
-    code, out, _ = _exit_code(["status", *flags], capsys)
+    assert run_cli(["init", *flags, "--retention", "2d"], capsys)[0] == 0
+    code, out, _ = run_cli(["status", *flags], capsys)
     assert code == 0
     assert re.search(r"^retention\s+outbox 2d, billing_inbox 2d$", out, re.MULTILINE), out
-    code, out, _ = _exit_code(["status", *flags, "--json"], capsys)
+    code, out, _ = run_cli(["status", *flags, "--json"], capsys)
     assert json.loads(out)["retention_s"] == {"outbox": 172800, "billing_inbox": 172800}

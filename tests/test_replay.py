@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from bson import ObjectId
+from helpers import run_cli
 
 from mongo_outbox import (
     ConfigurationError,
@@ -24,7 +25,6 @@ from mongo_outbox import (
 )
 from mongo_outbox._formats import MessageFormat
 from mongo_outbox._replay import Replay, ReplaySelection, parse_time
-from mongo_outbox.cli import main
 from mongo_outbox.publishers import PubSubPublisher
 
 UTC = dt.timezone.utc
@@ -238,12 +238,7 @@ def _cli(monkeypatch, capsys, *argv: str, **env: str) -> tuple[int, str, str]:
         monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(list(argv), capsys)
 
 
 @pytest.fixture
