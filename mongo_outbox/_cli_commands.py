@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import asdict, fields
 from types import FrameType, SimpleNamespace
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
 
 from bson import ObjectId
 from bson.errors import InvalidId
@@ -31,8 +30,8 @@ from pymongo.errors import ConnectionFailure, OperationFailure
 from ._admin import GroupInfo, OutboxAdmin, RelayInfo, shared_outbox_warning
 from ._errors import REPLICA_SET_FIX, ConfigurationError, ConnectError, LeaseLostError
 from ._event import age_of, check_topic, format_timestamp
-from ._logging import redact
 from ._oplog import headroom, read_oplog_window, token_time
+from ._redact import Redactor, redact_uri, unescaped_hint
 from ._retention import parse_duration, retention_of
 from ._store import OutboxStore, ensure_indexes
 
@@ -55,32 +54,13 @@ class CommandError(Exception):
         self.code = code
 
 
-def redact_uri(uri: str) -> str:
-    """The URI without its user info, safe to print or log."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return "<unparseable URI>"
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    return f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else "<URI>"
-
-
-def uri_secrets(uri: str | None) -> list[str]:
-    """The password in ``uri``, as written and decoded, for redaction to scrub."""
-    try:
-        password = urlsplit(uri or "").password
-    except ValueError:
-        return []
-    return [password, unquote(password)] if password else []
-
-
 def connect(args: Args) -> MongoClient[Any]:
     """A client of a reachable replica set; raises ConfigurationError or ConnectError."""
     if not args.mongo_uri:
         raise ConfigurationError("no MongoDB URI: pass --mongo-uri or set MONGO_OUTBOX_MONGO_URI")
     if not args.database:
         raise ConfigurationError("no database: pass --database or set MONGO_OUTBOX_DATABASE")
-    uri, safe, secrets = args.mongo_uri, redact_uri(args.mongo_uri), uri_secrets(args.mongo_uri)
+    uri, safe, scrub = args.mongo_uri, redact_uri(args.mongo_uri), Redactor.for_uris(args.mongo_uri)
     try:
         client: MongoClient[Any] = MongoClient(
             uri,
@@ -92,19 +72,17 @@ def connect(args: Args) -> MongoClient[Any]:
         )
     except (MongoConfigurationError, ValueError, TypeError) as exc:
         raise ConfigurationError(
-            f"invalid MongoDB URI {safe}: {redact(str(exc), secrets)}"
+            f"invalid MongoDB URI {safe}: {scrub(str(exc))}{unescaped_hint(uri)}"
         ) from exc
     try:
         hello = client.admin.command("hello")
     except ConnectionFailure as exc:
         client.close()
-        first = redact(str(exc), secrets).split(" (configured timeouts")[0][:300]
+        first = scrub(str(exc)).split(" (configured timeouts")[0][:300]
         raise ConnectError(f"cannot connect to MongoDB at {safe}: {first}") from exc
     except OperationFailure as exc:
         client.close()
-        raise ConfigurationError(
-            f"MongoDB at {safe} refused us: {redact(str(exc), secrets)}"
-        ) from exc
+        raise ConfigurationError(f"MongoDB at {safe} refused us: {scrub(str(exc))}") from exc
     if "setName" not in hello and hello.get("msg") != "isdbgrid":
         client.close()
         raise ConfigurationError(f"MongoDB at {safe} is a standalone server; {REPLICA_SET_FIX}")

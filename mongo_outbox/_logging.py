@@ -9,34 +9,24 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import re
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
+
+from ._redact import redact
 
 __all__ = ["LOG_FORMATS", "JsonFormatter", "RedactingFilter", "cli_logging", "redact"]
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-# The user info of a MongoDB URI: everything up to the last "@" before the host list ends.
-_URI_CREDENTIALS = re.compile(r"(mongodb(?:\+srv)?://)[^\s/?#'\"]*@", re.IGNORECASE)
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",
     "asctime",
     "taskName",
 }
-
-
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with the credentials of every MongoDB URI and every given secret replaced."""
-    text = _URI_CREDENTIALS.sub(r"\1***@", text)
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
 
 
 class RedactingFilter(logging.Filter):

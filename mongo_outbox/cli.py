@@ -9,7 +9,9 @@ included), 3 cannot connect, 4 ``status --check`` failed. What the commands do i
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -21,10 +23,11 @@ from pymongo.errors import ConnectionFailure, PyMongoError
 
 from . import __version__
 from . import _cli_commands as commands
-from ._cli_commands import EXIT_CONFIG, EXIT_CONNECT, EXIT_UNEXPECTED, Args, redact_uri
+from ._cli_commands import EXIT_CONFIG, EXIT_CONNECT, EXIT_UNEXPECTED, Args
 from ._errors import ConfigurationError, ConnectError
 from ._formats import FORMATS
-from ._logging import LOG_FORMATS, cli_logging, redact
+from ._logging import LOG_FORMATS, cli_logging
+from ._redact import Redactor, redact_uri
 
 __all__ = ["main", "parse_args", "redact_uri"]
 
@@ -334,12 +337,21 @@ _command(
 _command(commands.demo, "run the whole flow on a throwaway replica set and Pub/Sub emulator")
 
 
-def _fail(code: int, message: str, *, as_log: bool = False) -> NoReturn:
+def _fail(code: int, message: str, scrub: Redactor, *, as_log: bool = False) -> NoReturn:
     if as_log:  # --log-format json: the last line is a JSON log line too
         commands.log.error("%s", message, extra={"exit_code": code})
     else:
-        print(f"mongo-outbox: error: {redact(message)}", file=sys.stderr)
+        print(f"mongo-outbox: error: {scrub(message)}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def _argv_redactor(argv: Sequence[str] | None) -> Redactor:
+    """Every credential a command line or the environment may hold, before they are parsed."""
+    words = sys.argv[1:] if argv is None else argv
+    return Redactor.for_uris(
+        os.environ.get("MONGO_OUTBOX_MONGO_URI"),
+        *(word.partition("=")[2] or word for word in words if "://" in word),
+    )
 
 
 def _parse(argv: Sequence[str] | None) -> Args | int:
@@ -348,11 +360,12 @@ def _parse(argv: Sequence[str] | None) -> Args | int:
         result = cli.main(argv, "mongo-outbox", standalone_mode=False)
     except click.NoSuchOption as exc:  # in argparse's words, which scripts may know
         guess = f"; did you mean {' or '.join(exc.possibilities)}?" if exc.possibilities else ""
-        _fail(EXIT_CONFIG, f"unrecognized arguments: {exc.option_name}{guess} {_see_help(exc)}")
+        message = f"unrecognized arguments: {exc.option_name}{guess} {_see_help(exc)}"
+        _fail(EXIT_CONFIG, message, _argv_redactor(argv))
     except click.ClickException as exc:
         if isinstance(exc, click.BadParameter):
             _name_the_source(exc)
-        _fail(exc.exit_code, f"{exc.format_message()} {_see_help(exc)}")
+        _fail(exc.exit_code, f"{exc.format_message()} {_see_help(exc)}", _argv_redactor(argv))
     return result if isinstance(result, Args) else int(result or 0)
 
 
@@ -385,27 +398,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     if isinstance(args, int):
         return args
-    secrets = commands.uri_secrets(getattr(args, "mongo_uri", None))
-    with cli_logging(args.log_level, args.log_format, secrets=secrets):
-        return _run_command(args)
+    scrub = Redactor.for_uris(getattr(args, "mongo_uri", None))
+    with cli_logging(args.log_level, args.log_format, secrets=scrub.secrets):
+        return _run_command(args, functools.partial(_fail, scrub=scrub))
 
 
-def _run_command(args: Args) -> int:
+def _run_command(args: Args, fail: Callable[..., NoReturn]) -> int:
     as_log = args.log_format == "json"
     try:
         return _COMMANDS[args.command](args)
     except commands.CommandError as exc:
-        _fail(exc.code, str(exc), as_log=as_log)
+        fail(exc.code, str(exc), as_log=as_log)
     except ConfigurationError as exc:
-        _fail(EXIT_CONFIG, str(exc), as_log=as_log)
+        fail(EXIT_CONFIG, str(exc), as_log=as_log)
     except ConnectError as exc:
-        _fail(EXIT_CONNECT, str(exc), as_log=as_log)
+        fail(EXIT_CONNECT, str(exc), as_log=as_log)
     except ConnectionFailure as exc:
-        _fail(EXIT_CONNECT, f"lost the connection to MongoDB: {str(exc)[:300]}", as_log=as_log)
+        fail(EXIT_CONNECT, f"lost the connection to MongoDB: {str(exc)[:300]}", as_log=as_log)
     except PyMongoError as exc:
-        _fail(EXIT_UNEXPECTED, f"MongoDB error: {type(exc).__name__}: {exc}", as_log=as_log)
+        fail(EXIT_UNEXPECTED, f"MongoDB error: {type(exc).__name__}: {exc}", as_log=as_log)
     except DefaultCredentialsError as exc:
-        _fail(
+        fail(
             EXIT_CONFIG,
             f"no Google Cloud credentials ({exc}): set GOOGLE_APPLICATION_CREDENTIALS, run "
             "where the metadata server answers, or set PUBSUB_EMULATOR_HOST for the emulator",
@@ -414,7 +427,7 @@ def _run_command(args: Args) -> int:
     except Exception as exc:
         # Through the logger, so the traceback is redacted (and JSON with --log-format json).
         commands.log.exception("unexpected error")
-        _fail(EXIT_UNEXPECTED, f"unexpected error: {type(exc).__name__}: {exc}", as_log=as_log)
+        fail(EXIT_UNEXPECTED, f"unexpected error: {type(exc).__name__}: {exc}", as_log=as_log)
 
 
 if __name__ == "__main__":
