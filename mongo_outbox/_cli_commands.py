@@ -30,6 +30,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure
 from ._admin import GroupInfo, OutboxAdmin, RelayInfo, shared_outbox_warning
 from ._errors import REPLICA_SET_FIX, ConfigurationError, ConnectError, LeaseLostError
 from ._event import age_of, check_topic, format_timestamp
+from ._malloc import fix_mmap_threshold
 from ._oplog import headroom, read_oplog_window, token_time
 from ._redact import Redactor, redact_uri, unescaped_hint
 from ._retention import parse_duration, retention_of
@@ -429,6 +430,7 @@ def relay(args: Args) -> int:
         check_topic(args.default_topic)
     except ValueError as exc:
         raise ConfigurationError(f"bad relay setting: {exc}") from exc
+    fix_mmap_threshold()  # memory bounded by the byte budgets, also with many threads
     stop = threading.Event()
     with contextlib.ExitStack() as closing:  # closes the HTTP side, the publisher, the client
         if not args.once:

@@ -94,3 +94,33 @@ def test_broker_outage_while_big_events_are_written_stays_under_the_byte_budget(
     print(f"\n[memory] outage: peak RSS {during:.0f} MB during, {after:.0f} MB after; {counts}")
     assert counts == {"pending": 0, "published": EVENTS, "dead": 0}
     assert after < LIMIT_MB, f"peak RSS {after:.0f} MB"
+
+
+def _drain_peak_mb(env: dict[str, str], args: list[str], client: Any, db: str) -> float:
+    """Run a relay until nothing is pending; its peak RSS meanwhile."""
+    relay = RelayProcess(env, args)
+    try:
+        wait_for(lambda: OutboxAdmin(client[db]).counts()["pending"] == 0, timeout=400)
+        peak = _peak_rss_mb(relay.proc.pid)
+        assert relay.terminate() == 0, relay.output()
+    finally:
+        relay.close()
+    return peak
+
+
+def test_a_group_member_owning_every_partition_holds_no_more_than_one_relay(
+    client, db_name, pubsub, mongodb_uri
+):
+    # One key each: every partition has events, and all eight sweep and publish at once.
+    payload = b"x" * 9_900_000
+    for i in range(100):
+        with outbox_transaction(client, database=db_name) as tx:
+            tx.emit("Big", payload, key=f"key-{i}")
+    env = relay_env(mongodb_uri, db_name, pubsub.project, _topic(pubsub))
+    single = _drain_peak_mb(env, ["--name", "single"], client, db_name)
+    client[db_name].outbox.update_many({}, {"$set": {"status": "pending"}})
+    member = _drain_peak_mb(env, ["--name", "group", "--partitions", "8"], client, db_name)
+    print(f"\n[memory] 100 x 9.9 MB: one relay {single:.0f} MB, member of 8 {member:.0f} MB")
+    assert OutboxAdmin(client[db_name]).counts() == {"pending": 0, "published": 100, "dead": 0}
+    assert member <= 1.2 * single, f"member {member:.0f} MB, one relay {single:.0f} MB"
+    assert member < LIMIT_MB

@@ -36,7 +36,7 @@ from mongo_outbox._store import Failure
 from mongo_outbox.publishers import InMemoryPublisher, PubSubPublisher
 from mongo_outbox.relay import _backoff, _checkpoint
 from mongo_outbox.relay._backoff import Backoff
-from mongo_outbox.relay._budget import BudgetQueue
+from mongo_outbox.relay._budget import BudgetQueue, ByteBudget
 from mongo_outbox.relay._checkpoint import Checkpoint
 from mongo_outbox.relay._config import RelayConfig
 from mongo_outbox.relay._decode import Event, Poison, decode_batch, decode_document, to_event
@@ -88,6 +88,26 @@ def test_budget_put_waits_for_bytes_until_a_take_frees_room():
     assert box["result"] is True
     assert q.take(10, 100, timeout=1) == ["b"]
     assert q.bytes == 0
+
+
+def test_queues_sharing_a_budget_hold_its_bytes_together():
+    budget = ByteBudget(10)
+    a: BudgetQueue[str] = BudgetQueue(10, 100, budget)
+    b: BudgetQueue[str] = BudgetQueue(10, 100, budget)
+    assert a.put("a1", 8, timeout=1)
+    # b is empty, but the budget is not: a big item waits, whatever queue it goes to.
+    assert not b.put("b1", 8, timeout=0)
+    thread, done, box = _run(b.put, "b1", 8, WAIT)
+    assert not done.wait(0.05), "put went through although the shared budget is full"
+    assert a.take(1, 100, timeout=1) == ["a1"]
+    assert done.wait(WAIT), "put did not wake up when another queue freed the budget"
+    thread.join(WAIT)
+    assert box["result"] is True
+    assert budget.used == 8
+    # An item bigger than the whole budget goes in once the budget is empty: nothing stalls.
+    assert b.take(1, 100, timeout=1) == ["b1"]
+    assert a.put("huge", 50, timeout=0)
+    assert budget.used == 50
 
 
 def test_budget_put_waits_for_items_until_a_take_frees_room():

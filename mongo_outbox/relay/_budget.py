@@ -1,4 +1,8 @@
-"""A queue bounded by bytes as well as items, so big events cannot pile up in memory."""
+"""Queues bounded by bytes as well as items, so big events cannot pile up in memory.
+
+Several queues can share one :class:`ByteBudget` (a group member's partitions do): their bytes
+together stay within it, whatever the number of queues.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +11,50 @@ import time
 from collections import deque
 from typing import Generic, TypeVar
 
-__all__ = ["BudgetQueue"]
+__all__ = ["BudgetQueue", "ByteBudget"]
 
 T = TypeVar("T")
 
 
-class BudgetQueue(Generic[T]):
-    """FIFO of items with sizes; :meth:`put` waits while ``max_bytes`` or ``max_items`` is full.
+class ByteBudget:
+    """Bytes that one or more :class:`BudgetQueue` may hold together, and their shared lock."""
 
-    An item larger than the whole budget is still let in when the queue is empty, so one big
-    event never deadlocks the reader.
-    """
+    __slots__ = ("cond", "lock", "max_bytes", "putters", "takers", "used")
 
-    def __init__(self, max_bytes: int, max_items: int) -> None:
-        if max_bytes < 1 or max_items < 1:
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 1:
             raise ValueError("queue budgets must be positive")
         self.max_bytes = max_bytes
+        self.used = 0
+        # The lock itself is entered on the hot path (Condition's own __enter__ is Python code).
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        # Threads waiting in take() for items, and in put() for room: a put wakes only takers,
+        # a take only putters, and neither calls notify when nobody waits (once per event).
+        self.takers = 0
+        self.putters = 0
+
+    def full_for(self, size: int) -> bool:
+        """Whether ``size`` more bytes must wait: at least one item always fits when the
+        queues sharing the budget hold nothing, so one big event never deadlocks them."""
+        return self.used > 0 and self.used + size > self.max_bytes
+
+
+class BudgetQueue(Generic[T]):
+    """FIFO of items with sizes; :meth:`put` waits while the byte budget or ``max_items`` is
+    full. ``budget`` shares the bytes (and the lock) with other queues; by default the queue
+    has a budget of ``max_bytes`` of its own."""
+
+    def __init__(self, max_bytes: int, max_items: int, budget: ByteBudget | None = None) -> None:
+        if max_bytes < 1 or max_items < 1:
+            raise ValueError("queue budgets must be positive")
+        self._budget = budget or ByteBudget(max_bytes)
+        self.max_bytes = self._budget.max_bytes
         self.max_items = max_items
         self._items: deque[tuple[T, int]] = deque()
         self._bytes = 0
-        # The lock itself is entered on the hot path (Condition's own __enter__ is Python code).
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        # Threads waiting in take() for items, and in put() for room: a put wakes only takers,
-        # a take only putters, and neither calls notify when nobody waits (once per event).
-        self._takers = 0
-        self._putters = 0
+        self._lock = self._budget.lock
+        self._cond = self._budget.cond
 
     @property
     def bytes(self) -> int:
@@ -44,24 +66,24 @@ class BudgetQueue(Generic[T]):
 
     def put(self, item: T, size: int, timeout: float) -> bool:
         """Add ``item``; False if there was no room within ``timeout`` seconds."""
+        budget = self._budget
         with self._lock:
             items = self._items
-            if items and (len(items) >= self.max_items or self._bytes + size > self.max_bytes):
+            if len(items) >= self.max_items or budget.full_for(size):
                 deadline = time.monotonic() + timeout
-                while items and (
-                    len(items) >= self.max_items or self._bytes + size > self.max_bytes
-                ):
+                while len(items) >= self.max_items or budget.full_for(size):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return False
-                    self._putters += 1
+                    budget.putters += 1
                     try:
                         self._cond.wait(left)
                     finally:
-                        self._putters -= 1
+                        budget.putters -= 1
             items.append((item, size))
             self._bytes += size
-            if self._takers:
+            budget.used += size
+            if budget.takers:
                 self._cond.notify_all()
             return True
 
@@ -74,11 +96,11 @@ class BudgetQueue(Generic[T]):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return []
-                self._takers += 1
+                self._budget.takers += 1
                 try:
                     self._cond.wait(left)
                 finally:
-                    self._takers -= 1
+                    self._budget.takers -= 1
             items = self._items
             taken: list[T]
             if len(items) <= max_items and self._bytes <= max_bytes:
@@ -95,6 +117,7 @@ class BudgetQueue(Generic[T]):
                     taken.append(item)
                     size += item_size
             self._bytes -= size
-            if self._putters:
+            self._budget.used -= size
+            if self._budget.putters:
                 self._cond.notify_all()
             return taken

@@ -35,6 +35,7 @@ from .._partition import Partition
 from .._store import OutboxStore
 from ..publishers import Publisher
 from ._backoff import Backoff
+from ._budget import ByteBudget
 from ._checkpoint import Checkpoint
 from ._config import RelayConfig
 from ._decode import Event, Poison, event_from_raw
@@ -70,6 +71,8 @@ class Relay:
     store: OutboxStore
     lease: Lease
     metrics: RelayMetrics
+    _queue_budget: ByteBudget
+    _sweep_turn: threading.Lock
 
     def __init__(self, client: MongoClient[Any], publisher: Publisher, config: RelayConfig) -> None:
         whole = Partition() if config.partitions == 1 else None
@@ -79,15 +82,12 @@ class Relay:
     def _of_partition(cls, group: Relay, partition: Partition) -> Relay:
         """The relay of one partition, working for the group member ``group``.
 
-        The member's byte budgets are shared by all its partitions (which may all run at once),
-        so memory stays bounded by the member's settings, not by them times the partitions.
+        The member's memory is bounded by its settings, not by them times the partitions
+        (which may all run at once): its partitions' queues share one byte budget, their sweeps
+        take turns, and each publishes batches of a share of ``max_batch_bytes``.
         """
         config, parts = group.config, group.config.partitions
-        share = dataclasses.replace(
-            config,
-            queue_bytes=max(1, config.queue_bytes // parts),
-            max_batch_bytes=max(1, config.max_batch_bytes // parts),
-        )
+        share = dataclasses.replace(config, max_batch_bytes=max(1, config.max_batch_bytes // parts))
         relay = cls.__new__(cls)
         relay._setup(group.client, group.publisher, share, partition, group)
         return relay
@@ -148,8 +148,16 @@ class Relay:
             self.metrics,
             (group or self)._progressed,
         )
+        #: What the partitions of a group member share (a relay has them to itself).
+        self._queue_budget = group._queue_budget if group else ByteBudget(config.queue_bytes)
+        self._sweep_turn = group._sweep_turn if group else threading.Lock()
         self.sweeper = Sweeper(
-            self.store, self.dispatcher, config, self.store.cluster_time, partition or Partition()
+            self.store,
+            self.dispatcher,
+            config,
+            self.store.cluster_time,
+            partition or Partition(),
+            self._sweep_turn,
         )
         self.sampler = Sampler(
             self.store, self._oldest_token, self.metrics, self.health, config.sample_interval
@@ -314,7 +322,11 @@ class Relay:
             self.checkpoint.forget()
         opened_at = stream.resume_token
         tailer = Tailer(
-            stream, self._convert, max_bytes=config.queue_bytes, max_items=config.queue_size
+            stream,
+            self._convert,
+            max_bytes=config.queue_bytes,
+            max_items=config.queue_size,
+            budget=self._queue_budget,
         )
         tailer.start()
         self.dispatcher.start(stop)

@@ -54,8 +54,12 @@ class Sweeper:
         config: RelayConfig,
         cluster_time: Callable[[], Timestamp],
         partition: Partition,
+        turn: threading.Lock | None = None,
     ) -> None:
         self._partition = partition
+        # Sweeps sharing a turn run one at a time: a group member's partitions read ahead
+        # (two server batches of up to 16 MiB each) one sweep's worth, not one per partition.
+        self._turn = turn or threading.Lock()
         self._store = store
         self._dispatcher = dispatcher
         self._config = config
@@ -65,7 +69,17 @@ class Sweeper:
         return slot_of(doc, self._config.default_topic)
 
     def sweep(self, *, grace: float | None, at: Timestamp, stop: threading.Event) -> SweepResult:
-        """Publish the admissible pending events as of cluster time ``at``."""
+        """Publish the admissible pending events as of cluster time ``at`` (after the sweeps
+        sharing this sweeper's turn that are running now)."""
+        while not self._turn.acquire(timeout=0.2):
+            if stop.is_set():
+                return SweepResult(read_at=at, done=time.monotonic())
+        try:
+            return self._sweep(grace, at, stop)
+        finally:
+            self._turn.release()
+
+    def _sweep(self, grace: float | None, at: Timestamp, stop: threading.Event) -> SweepResult:
         config, partition = self._config, self._partition
         gate = self._dispatcher.gate
         dead = self._store.dead_keys() if config.dead_key_policy == "hold" else ()

@@ -22,7 +22,7 @@ from pymongo.errors import OperationFailure
 
 from .._partition import Partition
 from .._store import PUBLISH_PROJECTION, RAW, OutboxStore
-from ._budget import BudgetQueue
+from ._budget import BudgetQueue, ByteBudget
 from ._decode import Event, Poison
 
 __all__ = ["Change", "Idle", "StreamFailed", "Tailer", "open_stream"]
@@ -120,10 +120,11 @@ class Tailer:
         *,
         max_bytes: int,
         max_items: int,
+        budget: ByteBudget | None = None,
     ) -> None:
         self._stream = stream
         self._convert = convert
-        self.queue: BudgetQueue[Item] = BudgetQueue(max_bytes, max_items)
+        self.queue: BudgetQueue[Item] = BudgetQueue(max_bytes, max_items, budget)
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-tailer", daemon=True)
 
