@@ -19,6 +19,7 @@ from ._store import lenient, state_collection_name
 
 __all__ = [
     "LIVE_LEASE",
+    "FailingPending",
     "FailingReason",
     "GroupInfo",
     "MemberInfo",
@@ -100,6 +101,16 @@ class GroupInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class FailingPending:
+    """Pending events that have failed: how many, their top reasons, and the rest counted."""
+
+    events: int
+    reasons: list[FailingReason]
+    other_reasons: int
+    other_events: int
+
+
+@dataclass(frozen=True, slots=True)
 class FailingReason:
     """Pending events that failed for one reason (``last_error``), to be retried."""
 
@@ -168,22 +179,34 @@ class OutboxAdmin:
         query = _dead_query(ids, event_type, key, older_than)
         return self.outbox.count_documents(query), self._find(query, _EVENT_FIELDS, limit)
 
-    def failing_pending(self, limit: int = 5) -> tuple[int, list[FailingReason]]:
-        """How many pending events have failed, and their reasons (up to ``limit``, those with
-        the latest retry first)."""
+    def failing_pending(self, limit: int = 5) -> FailingPending:
+        """How many pending events have failed, and their reasons: up to ``limit`` of them
+        (those with the latest retry first) and a count of the rest. The server groups; only
+        ``limit`` reasons are read, however many distinct ones there are."""
+        by_reason: dict[str, Any] = {
+            "$group": {
+                "_id": "$last_error",
+                "n": {"$sum": 1},
+                "attempts": {"$max": "$attempts"},
+                "next": {"$max": "$next_attempt_at"},
+            }
+        }
+        totals = {"_id": None, "reasons": {"$sum": 1}, "events": {"$sum": "$n"}}
         pipeline: list[dict[str, Any]] = [
             {"$match": _FAILED_PENDING},
+            by_reason,
             {
-                "$group": {
-                    "_id": "$last_error",
-                    "n": {"$sum": 1},
-                    "attempts": {"$max": "$attempts"},
-                    "next": {"$max": "$next_attempt_at"},
+                "$facet": {
+                    "top": [{"$sort": {"next": -1, "n": -1}}, {"$limit": limit}],
+                    "all": [{"$group": totals}],
                 }
             },
-            {"$sort": {"next": -1, "n": -1}},
         ]
-        rows = list(lenient(self.outbox).aggregate(pipeline))
+        facets: dict[str, Any] = next(
+            lenient(self.outbox).aggregate(pipeline, allowDiskUse=True), {}
+        )
+        rows = facets.get("top", [])
+        total = (facets.get("all") or [{}])[0]
         reasons = [
             FailingReason(
                 error=_typed(row["_id"], str),
@@ -191,9 +214,15 @@ class OutboxAdmin:
                 max_attempts=row["attempts"] if isinstance(row["attempts"], int) else 0,
                 next_attempt_at=_typed(row["next"], _dt.datetime),
             )
-            for row in rows[:limit]
+            for row in rows
         ]
-        return sum(int(row["n"]) for row in rows), reasons
+        events = int(total.get("events", 0))
+        return FailingPending(
+            events=events,
+            reasons=reasons,
+            other_reasons=int(total.get("reasons", 0)) - len(reasons),
+            other_events=events - sum(r.events for r in reasons),
+        )
 
     def _find(
         self, query: dict[str, Any], fields: dict[str, Any], limit: int

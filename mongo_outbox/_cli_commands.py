@@ -165,7 +165,7 @@ def status(args: Args) -> int:
         oldest = admin.oldest_pending()
         state = OutboxStore(admin.db, args.collection).load_state(args.name)
         errors = admin.newest_errors()
-        failing, reasons = admin.failing_pending()
+        failing = admin.failing_pending()
         relays = admin.active_relays()
         group = admin.group(args.name)
         window = read_oplog_window(client)
@@ -186,10 +186,14 @@ def status(args: Args) -> int:
         "checkpoint_at": _iso(state.get("checkpoint_at")),
         "lease_owner": state.get("lease_owner"),
         "lease_expires_at": _iso(state.get("lease_expires_at")),
-        "failing": failing,
+        "failing": failing.events,
         "failing_reasons": [
-            asdict(r) | {"next_attempt_at": _iso(r.next_attempt_at)} for r in reasons
+            asdict(r) | {"next_attempt_at": _iso(r.next_attempt_at)} for r in failing.reasons
         ],
+        "failing_other_reasons": {
+            "reasons": failing.other_reasons,
+            "events": failing.other_events,
+        },
         "newest_dead": [
             {k: v for k, v in _dead_event(e).items() if k not in ("topic", "created_at")}
             for e in errors
@@ -214,8 +218,11 @@ def status(args: Args) -> int:
     print(f"outbox            {report['outbox']}")
     for name in ("pending", "published", "dead", "failing"):
         print(f"{name:<18}{report[name]}")
-    for r in reasons:
+    for r in failing.reasons:
         print(f"  {_plural(r.events, 'event')}, up to {r.max_attempts} attempts: {r.error}")
+    if failing.other_reasons:
+        more = _plural(failing.other_reasons, "more reason")
+        print(f"  and {more} ({_plural(failing.other_events, 'event')})")
     print(f"oldest pending    {_age(report['oldest_pending_age_s'])}")
     checkpoint_age = _age(report["checkpoint_age_s"]) if report["has_checkpoint"] else "none"
     print(f"checkpoint ({args.name})  {checkpoint_age}")

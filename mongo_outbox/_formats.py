@@ -120,7 +120,9 @@ def message_format(
         )
     if name == "outbox":
         return OUTBOX
-    return MessageFormat(cloudevents_source or default_source(database, collection))
+    if cloudevents_source is None:
+        return MessageFormat(default_source(database, collection))
+    return MessageFormat(check_source(cloudevents_source))
 
 
 #: What ``emit`` reserves room for: the larger format, replayed, with the longest source.

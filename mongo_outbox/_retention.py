@@ -60,12 +60,26 @@ def set_retention(
     inbox). MongoDB's TTL monitor deletes expired documents about once a minute.
     """
     name, partial = _TTL[field]
-    existing = collection.index_information().get(name)
+    indexes = collection.index_information()
+    existing = indexes.get(name)
     if retention is None:
         if existing is not None:
             collection.drop_index(name)
         return
     seconds = _seconds(retention)
+    others = [
+        other
+        for other, index in indexes.items()
+        if other != name
+        and "expireAfterSeconds" in index
+        and index.get("key", [])[:1] == [(field, ASCENDING)]
+    ]
+    if others:
+        # MongoDB allows it beside ours (the filters differ), and it expires on its own terms.
+        raise ConfigurationError(
+            f"{collection.full_name} has a TTL index on {field} that this library does not "
+            f"keep ({', '.join(others)}): drop it (or keep it and leave the retention unset)"
+        )
     if existing is not None and (
         existing.get("key") != [(field, ASCENDING)]
         or existing.get("partialFilterExpression") != partial

@@ -174,7 +174,7 @@ def test_relay_config_checks_the_format_at_once():
         RelayConfig(database="d", message_format="xml")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="applies only to --message-format cloudevents"):
         RelayConfig(database="d", cloudevents_source="urn:x")
-    for bad in ("a b", "a<b>", "{x}", "100%", "%zz"):
+    for bad in ("", "a b", "a<b>", "{x}", "100%", "%zz"):
         with pytest.raises(ConfigurationError, match="not a URI-reference"):
             RelayConfig(database="d", message_format="cloudevents", cloudevents_source=bad)
     with pytest.raises(ConfigurationError, match="at most 1024"):
@@ -182,3 +182,14 @@ def test_relay_config_checks_the_format_at_once():
     config = RelayConfig(database="my db", collection="out/box", message_format="cloudevents")
     assert config.format.cloudevents_source == "mongo-outbox://my%20db/out%2Fbox"
     assert default_source("shop", "outbox") == "mongo-outbox://shop/outbox"
+
+
+def test_an_empty_cloudevents_source_exits_2(capsys):
+    from helpers import run_cli
+
+    argv = ["relay", "--mongo-uri", "mongodb://127.0.0.1:1/", "--database", "d", "--project"]
+    code, _, err = run_cli(
+        [*argv, "p", "--message-format", "cloudevents", "--cloudevents-source", ""], capsys
+    )
+    assert code == 2
+    assert "not a URI-reference" in err

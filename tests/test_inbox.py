@@ -411,6 +411,20 @@ def test_a_foreign_index_under_our_name_is_not_changed(client, db_name):
     assert client[db_name].outbox.index_information()[OUTBOX_TTL_INDEX]["expireAfterSeconds"] == 9
 
 
+def test_another_ttl_index_on_published_at_is_refused_by_name(client, db_name):
+    # Its own partial filter (or none) would delete pending or dead events on its own clock.
+    outbox = client[db_name].outbox
+    outbox.create_index(
+        "published_at",
+        name="theirs",
+        expireAfterSeconds=60,
+        partialFilterExpression={"published_at": {"$exists": True}},
+    )
+    with pytest.raises(ConfigurationError, match="theirs"):
+        ensure_indexes(client, db_name, retention=3600)
+    assert OUTBOX_TTL_INDEX not in outbox.index_information()
+
+
 def test_a_retention_under_a_second_is_refused(client, db_name):
     with pytest.raises(ConfigurationError, match="at least one second"):
         ensure_indexes(client, db_name, retention=0.5)

@@ -484,3 +484,19 @@ def test_a_stopped_replay_says_how_to_go_on(published, monkeypatch, capsys):
         monkeypatch, capsys, "replay", *published.flags, "--after", str(last), "--dry-run"
     )
     assert (code, out) == (0, f"would replay 15 events: {published.topic} 15\n")
+
+
+def test_a_replay_to_a_missing_topic_names_replay_fixes_only(published, monkeypatch, capsys):
+    code, _, err = _cli(
+        monkeypatch,
+        capsys,
+        "replay",
+        *published.flags,
+        "--since",
+        "1h",
+        "--to-topic",
+        "no-such-topic-for-replay",
+    )
+    assert code == 1
+    assert "does not exist" in err
+    assert "requeue" not in err  # the relay's advice for dead events, not replay's

@@ -58,8 +58,7 @@ def map_google_error(exc: BaseException, topic: str) -> PublishError:
         error: PublishError = TransientPublishError(f"publish to {topic} failed: {text}")
     elif isinstance(exc, gexc.NotFound):
         error = PermanentPublishError(
-            f"topic {topic} does not exist: create it, or run the relay with --create-topics; "
-            "events that died of it can then be sent again with `mongo-outbox requeue`"
+            f"topic {topic} does not exist: create it, or pass --create-topics"
         )
     else:
         error = PermanentPublishError(f"publish to {topic} refused: {text}")
