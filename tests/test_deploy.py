@@ -466,7 +466,7 @@ def test_compose_starts_mongodb_then_init_then_the_relay(compose):
     mongo_check = " ".join(services["mongo"]["healthcheck"]["test"])
     # Healthy only once PRIMARY: the check fails while the member cannot take writes.
     assert "isWritablePrimary" in mongo_check
-    assert "quit(1)" in mongo_check
+    assert "quit(db.hello().isWritablePrimary ? 0 : 1)" in mongo_check
     assert services["init"]["command"] == ["init"]
     assert services["init"]["depends_on"]["mongo"]["condition"] == "service_healthy"
     relay = services["relay"]
