@@ -278,18 +278,20 @@ def test_status_shows_the_oplog_window_and_the_checkpoint_headroom(
 def test_kubernetes_and_docker_probe_the_endpoints_the_relay_serves():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent / "docker"
-    manifest = (root / "k8s" / "relay.yaml").read_text()
-    dockerfile = (root / "Dockerfile").read_text()
-    for text in (manifest, dockerfile):
+    root = Path(__file__).resolve().parent.parent
+    manifest = (root / "deploy" / "k8s" / "base" / "deployment.yaml").read_text()
+    dockerfile = (root / "docker" / "Dockerfile").read_text()
+    healthcheck = (root / "docker" / "healthcheck.py").read_text()
+    for text in (manifest, healthcheck):
         assert "/healthz" in text
-        assert "9464" in text
+    assert "9464" in manifest
     assert "/readyz" in manifest
-    assert "secretRef" in manifest
+    assert "secretKeyRef" in manifest
     assert "MONGO_OUTBOX_MONGO_URI" in manifest
     assert "terminationGracePeriodSeconds" in manifest
     assert "HEALTHCHECK" in dockerfile
     assert "MONGO_OUTBOX_HTTP_PORT=9464" in dockerfile
+    assert "MONGO_OUTBOX_HTTP_PORT" in healthcheck
 
 
 def test_healthz_fails_when_the_pipeline_restarts_in_a_loop(client, db_name, served, monkeypatch):
