@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -145,28 +146,53 @@ def test_a_mistyped_database_is_reported_and_never_created(client, db_name, rela
 
 
 @pytest.mark.slow
-def test_healthz_turns_503_while_mongod_is_frozen_and_200_after(pubsub, served):
+def test_probes_while_mongod_is_frozen_follow_their_rules_and_recover(pubsub, served):
+    """/readyz leaves ``active`` within one renewal interval of a missed lease renewal;
+    /healthz fails once the relay has made no progress for --unhealthy-after, although the
+    failing polls of the restarted pipeline keep coming; both recover after the thaw."""
     with MongoReplicaSet() as rs:
-        client: MongoClient[Any] = MongoClient(rs.uri, tz_aware=True)
+        # Short timeouts: the pipeline fails (and its polls fail) fast, as in the issue.
+        client: MongoClient[Any] = MongoClient(
+            rs.uri, tz_aware=True, serverSelectionTimeoutMS=1000, socketTimeoutMS=3000
+        )
         db = "frozen"
         _emit(client, db, 1)
-        config = RelayConfig(database=db, default_topic="t", unhealthy_after=2.0)
+        ttl, after = 4.0, 8.0  # renewals every 1 s: fresh while at most 2 s old
+        config = RelayConfig(
+            database=db, default_topic="t", unhealthy_after=after, lease_ttl=ttl, transient_max=0.5
+        )
         relay = Relay(client, InMemoryPublisher(), config)
         from helpers import RelayThread
 
         runner = RelayThread(relay).start()
         port = served(relay)
         try:
+            wait_for(lambda: _get(port, "/readyz") == (200, "active\n"))
             wait_for(lambda: _get(port, "/healthz")[0] == 200 and relay.stats.published == 1)
+            frozen_at = time.monotonic()
             os.kill(rs.pid, signal.SIGSTOP)
             try:
-                _, reason = wait_for(
-                    lambda: (r := _get(port, "/healthz"))[0] == 503 and r, timeout=30
+                _, why_not_ready = wait_for(
+                    lambda: (r := _get(port, "/readyz"))[0] == 503 and r, timeout=30, interval=0.05
                 )
-                assert "no progress" in reason or "failing" in reason, reason
+                not_ready_after = time.monotonic() - frozen_at
+                _, why_unhealthy = wait_for(
+                    lambda: (r := _get(port, "/healthz"))[0] == 503 and r, timeout=60, interval=0.1
+                )
+                unhealthy_after = time.monotonic() - frozen_at
             finally:
                 os.kill(rs.pid, signal.SIGCONT)
+            print(
+                f"frozen: /readyz 503 after {not_ready_after:.2f}s ({why_not_ready.strip()}), "
+                f"/healthz 503 after {unhealthy_after:.2f}s ({why_unhealthy.strip()})"
+            )
+            # The last renewal came at most one interval before the freeze.
+            assert not_ready_after <= ttl / 2 + 0.5, (not_ready_after, why_not_ready)
+            assert "no progress" in why_unhealthy, why_unhealthy
+            # The last progress came at most a getMore (1 s) before the freeze.
+            assert after - 1.5 <= unhealthy_after <= after + 1.5, (unhealthy_after, why_unhealthy)
             wait_for(lambda: _get(port, "/healthz")[0] == 200, timeout=60)
+            wait_for(lambda: _get(port, "/readyz") == (200, "active\n"), timeout=60)
             _emit(client, db, 1)
             wait_for(lambda: relay.stats.published == 2, timeout=60)
         finally:
