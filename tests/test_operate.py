@@ -395,3 +395,133 @@ def test_a_group_member_labels_its_partitions_gauges(
     # Partitions given back leave no series behind.
     after = _metrics(port)
     assert not [k for k in after if k[0] == "mongo_outbox_lease_active"]
+
+
+def _request(port: int, path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as reply:
+        return reply.status, {k.lower(): v for k, v in reply.headers.items()}, reply.read()
+
+
+def test_metrics_are_prometheus_clients_exposition_with_process_and_build_info(
+    client, db_name, relay_factory, served
+):
+    import gzip
+
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
+
+    from mongo_outbox import __version__
+
+    runner = relay_factory(db_name, publisher=InMemoryPublisher(), default_topic="orders")
+    port = served(runner.relay)
+    labels = {"outbox": f"{db_name}.outbox", "relay": "default"}
+    # Before any event: the failure counters of the known topic exist, at 0, for both kinds.
+    m = _metrics(port)
+    for kind in ("transient", "permanent"):
+        assert _value(m, "mongo_outbox_events_failed_total", topic="orders", kind=kind) == 0
+    assert _value(m, "mongo_outbox_events_published_total", topic="orders", **labels) == 0
+    assert _value(m, "mongo_outbox_build_info", version=__version__, **labels) == 1
+    assert _value(m, "process_resident_memory_bytes") > 0
+    assert _value(m, "process_open_fds") > 0
+    assert ("python_info", frozenset()) not in m  # labelled with the interpreter's version
+    assert [k for k in m if k[0] == "python_info"]
+
+    status, headers, body = _request(
+        port, "/metrics", Accept="application/openmetrics-text; version=1.0.0"
+    )
+    assert status == 200
+    assert headers["content-type"].startswith("application/openmetrics-text"), headers
+    text = body.decode()
+    assert text.endswith("# EOF\n")
+    names = {family.name for family in om_parse(text)}
+    assert {"mongo_outbox_events_failed", "mongo_outbox_build", "process_cpu_seconds"} <= names
+
+    status, headers, body = _request(port, "/metrics", **{"Accept-Encoding": "gzip"})
+    assert headers.get("content-encoding") == "gzip"
+    assert b"mongo_outbox_pending_events" in gzip.decompress(body)
+    status, headers, _ = _request(port, "/metrics")
+    assert headers["content-type"].startswith("text/plain; version=0.0.4"), headers
+    assert _get(port, "/nothing")[0] == 404
+    runner.stop()
+
+
+def test_dead_events_gauge_moves_when_the_relay_sets_events_dead(
+    client, db_name, relay_factory, served
+):
+    memory = InMemoryPublisher()
+    memory.fail_topic("poisoned")
+    # No sample after the first: only the relay itself can move the gauge.
+    runner = relay_factory(
+        db_name, publisher=memory, start=False, sample_interval=3600.0, max_attempts=1
+    )
+    relay = runner.relay
+    port = served(relay)
+    runner.start()
+    wait_for(lambda: _get(port, "/readyz") == (200, "active\n"), timeout=30)
+    wait_for(lambda: _value(_metrics(port), "mongo_outbox_dead_events") == 0)
+    _emit(client, db_name, 3, topic="poisoned", key=None)
+    wait_for(lambda: client[db_name].outbox.count_documents({"status": "dead"}) == 3)
+    started = time.monotonic()
+    wait_for(lambda: _value(_metrics(port), "mongo_outbox_dead_events") == 3, timeout=5)
+    assert time.monotonic() - started < 2
+    runner.stop()
+
+
+def _threads() -> int:
+    with open(f"/proc/{os.getpid()}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+
+
+@pytest.mark.slow
+def test_500_idle_clients_neither_grow_threads_nor_delay_probes(
+    client, db_name, relay_factory, pubsub
+):
+    import socket
+
+    topic, sub = pubsub.topic()
+    runner = relay_factory(db_name, default_topic=topic)
+    server = RelayHTTPServer(runner.relay, "127.0.0.1", 0, idle_timeout=3.0)
+    port = server.port
+    sockets: list[socket.socket] = []
+    try:
+        wait_for(lambda: _get(port, "/readyz") == (200, "active\n"), timeout=30)
+        before = _threads()
+        for i in range(500):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if i % 2:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # half a request
+            sockets.append(sock)
+        _emit(client, db_name, 200)  # the relay publishes meanwhile
+        worst = 0.0
+        for _ in range(10):
+            started = time.monotonic()
+            assert _get(port, "/healthz") == (200, "ok\n")
+            worst = max(worst, time.monotonic() - started)
+        threads = _threads()
+        print(
+            f"threads: {before} before, {threads} with 500 idle sockets; /healthz <= {worst:.3f}s"
+        )
+        assert worst < 1.0
+        assert threads <= before + 5, (before, threads)
+        assert len(sub.pull_until(200, timeout=60)) >= 200
+
+        def all_closed() -> bool:
+            closed = 0
+            for sock in sockets:
+                sock.settimeout(0.01)
+                try:
+                    closed += sock.recv(1) == b""
+                except TimeoutError:
+                    pass  # still open
+                except OSError:
+                    closed += 1  # reset: closed too
+            return closed == len(sockets)
+
+        started = time.monotonic()
+        wait_for(all_closed, timeout=20, interval=0.5)
+        print(f"idle sockets closed by the relay within {time.monotonic() - started:.1f}s")
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.close()
+        runner.stop()

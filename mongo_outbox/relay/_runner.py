@@ -136,6 +136,7 @@ class Relay:
                 f"{config.database}.{config.collection}",
                 config.name,
                 partitioned=config.partitions > 1,
+                topics=[config.default_topic],
             )
         )
         self.health = Health(config.unhealthy_after)
