@@ -223,11 +223,15 @@ _command(
         "serve /metrics, /healthz and /readyz on this port (off when not given)",
         type=click.IntRange(1, 65535),
     ),
-    _option("--http-host", "address the HTTP side listens on", default="0.0.0.0"),
+    _option(
+        "--http-host",
+        "address the HTTP side listens on (0.0.0.0: every interface, what a pod's probes need)",
+        default="0.0.0.0",
+    ),
     _option(
         "--unhealthy-after",
-        "/healthz answers 503 once the relay has made no progress, or its pipeline has kept "
-        "failing, for this many seconds",
+        "/healthz answers 503 once the relay has made no progress (work MongoDB answered; none "
+        "while its pipeline keeps failing) for this many seconds",
         type=_FLOAT,
         default=60.0,
     ),
