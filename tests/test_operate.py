@@ -525,3 +525,51 @@ def test_500_idle_clients_neither_grow_threads_nor_delay_probes(
             sock.close()
         server.close()
         runner.stop()
+
+
+def test_at_the_connection_cap_a_probe_waits_only_until_idle_ones_are_closed(
+    client, db_name, relay_factory
+):
+    import socket
+
+    runner = relay_factory(db_name, publisher=InMemoryPublisher())
+    server = RelayHTTPServer(runner.relay, "127.0.0.1", 0, connection_limit=10, idle_timeout=1.0)
+    port = server.port
+    sockets: list[socket.socket] = []
+    try:
+        wait_for(lambda: _get(port, "/readyz") == (200, "active\n"), timeout=30)
+        sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(25)]
+        started = time.monotonic()
+        assert _get(port, "/healthz") == (200, "ok\n")
+        waited = time.monotonic() - started
+        # 25 idle connections ahead of it, 10 served at a time, each closed after 1 s idle
+        # (checked every second): three rounds at most.
+        assert waited < 7.0, waited
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.close()
+        runner.stop()
+
+
+def test_a_failing_broker_keeps_the_probes_up_once_its_topic_is_isolated(
+    client, db_name, relay_factory, served
+):
+    """Restarting the relay would not heal the broker: the failing topic is isolated within
+    --isolate-after and the loop goes on making progress."""
+    memory = InMemoryPublisher()
+    memory.fail_topic("frozen-topic", transient=True)
+    runner = relay_factory(
+        db_name, publisher=memory, isolate_after=1.0, transient_max=0.5, unhealthy_after=3.0
+    )
+    port = served(runner.relay)
+    wait_for(lambda: _get(port, "/readyz") == (200, "active\n"), timeout=30)
+    _emit(client, db_name, 5, topic="frozen-topic")
+    wait_for(lambda: memory.calls > 0)
+    deadline = time.monotonic() + 8.0  # well past --unhealthy-after
+    while time.monotonic() < deadline:
+        assert _get(port, "/healthz") == (200, "ok\n")
+        assert _get(port, "/readyz") == (200, "active\n")
+        time.sleep(0.25)  # sampling the probes over time, not waiting for a condition
+    assert client[db_name].outbox.count_documents({"status": "pending"}) == 5
+    runner.stop()
