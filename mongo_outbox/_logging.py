@@ -1,19 +1,19 @@
 """Logging for the ``mongo-outbox`` command: text or JSON lines, credentials always redacted.
 
-Library code attaches an event id to a record with ``extra={"event_id": ...}``; the JSON
-format prints it (and any other extra) as a field of its own.
+Library code attaches an event id to a record with ``extra={"event_id": ...}`` (and its trace
+context with ``extra={"traceparent": ...}``); the JSON format, Cloud Logging's structured lines
+(:mod:`mongo_outbox._cloudlog`), prints each extra as a field of its own.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import logging
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import TextIO
 
+from ._cloudlog import CloudLoggingFormatter as JsonFormatter
 from ._redact import redact
 
 __all__ = ["LOG_FORMATS", "JsonFormatter", "RedactingFilter", "cli_logging", "redact"]
@@ -57,31 +57,6 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (ISO 8601 UTC), level, logger, message, ``event_id``
-    when the record carries one, other extras, and ``exc_info`` as a string."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        when = _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc)
-        entry: dict[str, Any] = {
-            "time": when.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for name, value in record.__dict__.items():
-            if name not in _STANDARD and name not in entry:
-                entry[name] = str(value) if name == "event_id" else value
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            entry["exc_info"] = record.exc_text
-        if record.stack_info:
-            entry["stack_info"] = self.formatStack(record.stack_info)
-        # ASCII only: no character in the line can be taken for a line break.
-        return json.dumps(entry, default=str)
-
-
 class _StderrHandler(logging.StreamHandler[TextIO]):
     """Writes to whatever ``sys.stderr`` is at the time (tests swap it)."""
 
@@ -104,12 +79,14 @@ def cli_logging(
     *,
     secrets: Iterable[str] = (),
     stream: TextIO | None = None,
+    project: str | None = None,
 ) -> Iterator[None]:
     """Log to stderr (or ``stream``) at ``level`` in ``log_format`` with credentials redacted;
-    the root logger's handlers and level are restored on leaving."""
+    the root logger's handlers and level are restored on leaving. ``project`` (the Google Cloud
+    project) completes the JSON lines' trace field."""
     handler: logging.Handler = _StderrHandler() if stream is None else logging.StreamHandler(stream)
     handler.setFormatter(
-        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+        JsonFormatter(project) if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     )
     handler.addFilter(RedactingFilter(secrets))
     root = logging.getLogger()

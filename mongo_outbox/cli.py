@@ -225,11 +225,15 @@ _command(
         "serve /metrics, /healthz and /readyz on this port (off when not given)",
         type=click.IntRange(1, 65535),
     ),
-    _option("--http-host", "address the HTTP side listens on", default="0.0.0.0"),
+    _option(
+        "--http-host",
+        "address the HTTP side listens on (0.0.0.0: every interface, what a pod's probes need)",
+        default="0.0.0.0",
+    ),
     _option(
         "--unhealthy-after",
-        "/healthz answers 503 once the relay has made no progress, or its pipeline has kept "
-        "failing, for this many seconds",
+        "/healthz answers 503 once the relay has made no progress (work MongoDB answered; none "
+        "while its pipeline keeps failing) for this many seconds",
         type=_FLOAT,
         default=60.0,
     ),
@@ -360,13 +364,35 @@ def _parse(argv: Sequence[str] | None) -> Args | int:
         result = cli.main(argv, "mongo-outbox", standalone_mode=False)
     except click.NoSuchOption as exc:  # in argparse's words, which scripts may know
         guess = f"; did you mean {' or '.join(exc.possibilities)}?" if exc.possibilities else ""
-        message = f"unrecognized arguments: {exc.option_name}{guess} {_see_help(exc)}"
-        _fail(EXIT_CONFIG, message, _argv_redactor(argv))
+        _usage_error(
+            EXIT_CONFIG, f"unrecognized arguments: {exc.option_name}{guess} {_see_help(exc)}", argv
+        )
     except click.ClickException as exc:
         if isinstance(exc, click.BadParameter):
             _name_the_source(exc)
-        _fail(exc.exit_code, f"{exc.format_message()} {_see_help(exc)}", _argv_redactor(argv))
+        _usage_error(exc.exit_code, f"{exc.format_message()} {_see_help(exc)}", argv)
     return result if isinstance(result, Args) else int(result or 0)
+
+
+def _usage_error(code: int, message: str, argv: Sequence[str] | None) -> NoReturn:
+    """Fail on a bad command line: a JSON log line when JSON logs were asked for (the command
+    line could not be read, so its ``--log-format`` is looked for by hand), else plain text."""
+    scrub = _argv_redactor(argv)
+    if _json_asked(sys.argv[1:] if argv is None else argv):
+        with cli_logging("ERROR", "json", secrets=scrub.secrets):
+            _fail(code, message, scrub, as_log=True)
+    _fail(code, message, scrub)
+
+
+def _json_asked(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` (or else ``MONGO_OUTBOX_LOG_FORMAT``) asks for JSON logs."""
+    words, asked = list(argv), os.environ.get("MONGO_OUTBOX_LOG_FORMAT", "")
+    for i, word in enumerate(words):  # the last one given wins, as the command's copy does
+        if word.startswith("--log-format="):
+            asked = word.split("=", 1)[1]
+        elif word == "--log-format" and i + 1 < len(words):
+            asked = words[i + 1]
+    return asked.lower() == "json"
 
 
 def _name_the_source(exc: click.BadParameter) -> None:
@@ -399,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     scrub = Redactor.for_uris(getattr(args, "mongo_uri", None))
-    with cli_logging(args.log_level, args.log_format, secrets=scrub.secrets):
+    project = getattr(args, "project", None)
+    with cli_logging(args.log_level, args.log_format, secrets=scrub.secrets, project=project):
         return _run_command(args, functools.partial(_fail, scrub=scrub))
 
 

@@ -25,7 +25,8 @@ from mongo_outbox import _logging, outbox_transaction
 from mongo_outbox.cli import main
 
 SECRET = "Sup3r/Secret@Pw"
-ISO_UTC = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
+RFC3339_UTC = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$"
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 def _record(msg: str, *args: object, **extra: object) -> logging.LogRecord:
@@ -37,16 +38,29 @@ def _record(msg: str, *args: object, **extra: object) -> logging.LogRecord:
 # -- the JSON formatter ----------------------------------------------------------------------
 
 
-def test_json_line_has_time_level_logger_message():
-    line = _logging.JsonFormatter().format(_record("published %d events", 3))
-    assert "\n" not in line
+def test_json_line_has_what_cloud_logging_reads(stream):
+    import datetime as dt
+
+    with _logging.cli_logging("INFO", "json", stream=stream):
+        logging.getLogger("mongo_outbox.relay").warning("published %d events", 3)
+        line_no = sys._getframe().f_lineno - 1
+    line = stream.getvalue()
+    assert line.count("\n") == 1
     entry = json.loads(line)
-    assert entry["level"] == "WARNING"
+    assert entry["severity"] == "WARNING"
     assert entry["logger"] == "mongo_outbox.relay"
     assert entry["message"] == "published 3 events"
-    assert re.match(ISO_UTC, entry["time"]), entry["time"]
+    assert re.match(RFC3339_UTC, entry["time"]), entry["time"]
+    assert dt.datetime.fromisoformat(entry["time"].replace("Z", "+00:00")).utcoffset().seconds == 0
+    assert entry["logging.googleapis.com/sourceLocation"] == {
+        "file": __file__,
+        "line": str(line_no),
+        "function": "test_json_line_has_what_cloud_logging_reads",
+    }
+    assert "level" not in entry
     assert "event_id" not in entry
-    assert "exc_info" not in entry
+    assert "stack_trace" not in entry
+    assert not [k for k in entry if "trace" in k]
 
 
 def test_json_line_carries_event_id_and_extras():
@@ -58,7 +72,42 @@ def test_json_line_carries_event_id_and_extras():
     assert entry["rate"] == 1.5
 
 
-def test_json_line_carries_the_exception_as_a_string():
+def test_json_line_links_an_events_trace_in_the_project():
+    record = _record("event failed", event_id=ObjectId(), traceparent=TRACEPARENT)
+    entry = json.loads(_logging.JsonFormatter("my-project").format(record))
+    assert entry["logging.googleapis.com/trace"] == (
+        "projects/my-project/traces/4bf92f3577b34da6a3ce929d0e0e4736"
+    )
+    assert entry["logging.googleapis.com/spanId"] == "00f067aa0ba902b7"
+    assert entry["logging.googleapis.com/trace_sampled"] is True
+    assert "traceparent" not in entry
+    for odd in (None, "garbage", "00-" + "0" * 31 + "-x-01"):
+        entry = json.loads(_logging.JsonFormatter("p").format(_record("x", traceparent=odd)))
+        assert not [k for k in entry if "trace" in k or "span" in k.lower()], entry
+
+
+def test_json_line_unfolds_pymongos_structured_message(stream):
+    from pymongo.logger import LogMessage
+
+    with _logging.cli_logging("DEBUG", "json", stream=stream):
+        logging.getLogger("pymongo.command").debug(
+            LogMessage(
+                message="Command started",
+                commandName="find",
+                databaseName="shop",
+                command={"find": "orders"},
+                serverHost="db1",
+            )
+        )
+    entry = json.loads(stream.getvalue())
+    assert entry["message"] == "Command started"
+    assert entry["commandName"] == "find"
+    assert entry["databaseName"] == "shop"
+    assert entry["serverHost"] == "db1"
+    assert entry["severity"] == "DEBUG"
+
+
+def test_json_line_carries_the_exception_as_a_stack_trace():
     try:
         raise RuntimeError("boom\nsecond line")
     except RuntimeError:
@@ -66,9 +115,9 @@ def test_json_line_carries_the_exception_as_a_string():
     line = _logging.JsonFormatter().format(record)
     assert len(line.splitlines()) == 1
     entry = json.loads(line)
-    assert isinstance(entry["exc_info"], str)
-    assert "RuntimeError: boom" in entry["exc_info"]
-    assert "Traceback" in entry["exc_info"]
+    assert isinstance(entry["stack_trace"], str)  # the field Error Reporting reads
+    assert "RuntimeError: boom" in entry["stack_trace"]
+    assert "Traceback" in entry["stack_trace"]
 
 
 def test_json_lines_survive_odd_characters():
@@ -145,6 +194,7 @@ def test_cli_logging_installs_and_removes_its_handler(stream):
     lines = stream.getvalue().splitlines()
     entries = [json.loads(line) for line in lines]
     assert [e["logger"] for e in entries] == ["mongo_outbox.test", "pymongo.test"]
+    assert [e["severity"] for e in entries] == ["DEBUG", "INFO"]
     assert entries[1]["event_id"] == "7"
     assert SECRET not in stream.getvalue()
 
@@ -187,6 +237,10 @@ def test_relay_logs_no_password_at_debug(
     with outbox_transaction(client, database=db_name) as tx:
         tx.emit("Ok", b"x", topic=topic, key="k")
         missing = tx.emit("Lost", b"x", topic="no-such-topic")
+    # The trace context emit stores inside an OpenTelemetry span.
+    client[db_name].outbox.update_one(
+        {"_id": missing}, {"$set": {"trace": {"traceparent": TRACEPARENT}}}
+    )
     poison = ev.build_document("Poison", b"x")
     poison.pop("payload")
     client[db_name].outbox.insert_one(poison)
@@ -224,10 +278,16 @@ def test_relay_logs_no_password_at_debug(
     assert any("DEBUG" in line for line in lines), output  # DEBUG was on
     if log_format == "json":
         entries = [json.loads(line) for line in lines]  # every line is one JSON object
-        assert {"time", "level", "logger", "message"} <= set(entries[0])
+        assert {"time", "severity", "logger", "message"} <= set(entries[0])
         ids = {e.get("event_id") for e in entries}
         assert str(missing) in ids  # "event ... failed"
         assert str(poison["_id"]) in ids  # "set aside as dead"
+        [failed] = [e for e in entries if e.get("event_id") == str(missing)]
+        trace_id, span_id = TRACEPARENT.split("-")[1:3]
+        assert failed["logging.googleapis.com/trace"] == (
+            f"projects/{pubsub.project}/traces/{trace_id}"
+        )
+        assert failed["logging.googleapis.com/spanId"] == span_id
     else:
         assert any(f"event {missing} failed" in line for line in lines), output
 
@@ -250,4 +310,31 @@ def test_main_logs_in_json_after_the_subcommand(capsys, mongodb_uri, outbox_data
     err = capsys.readouterr().err
     entries = [json.loads(line) for line in err.splitlines()]
     assert entries, "DEBUG logging produced nothing"
-    assert all(e["level"] in {"DEBUG", "INFO", "WARNING", "ERROR"} for e in entries)
+    assert all(e["severity"] in {"DEBUG", "INFO", "WARNING", "ERROR"} for e in entries)
+    # PyMongo's structured lines are fields, not JSON inside the message.
+    commands = [e for e in entries if e["logger"] == "pymongo.command"]
+    assert commands, [e["logger"] for e in entries]
+    assert all(not e["message"].startswith("{") and "commandName" in e for e in commands)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["--log-format", "json", "relay", "--no-such-flag"], {}),
+        (["relay", "--log-format=json", "--batch-size", "0"], {}),
+        (["status", "--no-such-flag"], {"MONGO_OUTBOX_LOG_FORMAT": "json"}),
+    ],
+    ids=["before", "after", "env"],
+)
+def test_usage_errors_are_json_lines_when_json_is_asked(argv, env, capsys, monkeypatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [entry] = [json.loads(line) for line in captured.err.splitlines()]
+    assert entry["severity"] == "ERROR"
+    assert "--help" in entry["message"]
+    assert entry["exit_code"] == 2

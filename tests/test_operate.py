@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -145,28 +146,53 @@ def test_a_mistyped_database_is_reported_and_never_created(client, db_name, rela
 
 
 @pytest.mark.slow
-def test_healthz_turns_503_while_mongod_is_frozen_and_200_after(pubsub, served):
+def test_probes_while_mongod_is_frozen_follow_their_rules_and_recover(pubsub, served):
+    """/readyz leaves ``active`` within one renewal interval of a missed lease renewal;
+    /healthz fails once the relay has made no progress for --unhealthy-after, although the
+    failing polls of the restarted pipeline keep coming; both recover after the thaw."""
     with MongoReplicaSet() as rs:
-        client: MongoClient[Any] = MongoClient(rs.uri, tz_aware=True)
+        # Short timeouts: the pipeline fails (and its polls fail) fast, as in the issue.
+        client: MongoClient[Any] = MongoClient(
+            rs.uri, tz_aware=True, serverSelectionTimeoutMS=1000, socketTimeoutMS=3000
+        )
         db = "frozen"
         _emit(client, db, 1)
-        config = RelayConfig(database=db, default_topic="t", unhealthy_after=2.0)
+        ttl, after = 4.0, 8.0  # renewals every 1 s: fresh while at most 2 s old
+        config = RelayConfig(
+            database=db, default_topic="t", unhealthy_after=after, lease_ttl=ttl, transient_max=0.5
+        )
         relay = Relay(client, InMemoryPublisher(), config)
         from helpers import RelayThread
 
         runner = RelayThread(relay).start()
         port = served(relay)
         try:
+            wait_for(lambda: _get(port, "/readyz") == (200, "active\n"))
             wait_for(lambda: _get(port, "/healthz")[0] == 200 and relay.stats.published == 1)
+            frozen_at = time.monotonic()
             os.kill(rs.pid, signal.SIGSTOP)
             try:
-                _, reason = wait_for(
-                    lambda: (r := _get(port, "/healthz"))[0] == 503 and r, timeout=30
+                _, why_not_ready = wait_for(
+                    lambda: (r := _get(port, "/readyz"))[0] == 503 and r, timeout=30, interval=0.05
                 )
-                assert "no progress" in reason or "failing" in reason, reason
+                not_ready_after = time.monotonic() - frozen_at
+                _, why_unhealthy = wait_for(
+                    lambda: (r := _get(port, "/healthz"))[0] == 503 and r, timeout=60, interval=0.1
+                )
+                unhealthy_after = time.monotonic() - frozen_at
             finally:
                 os.kill(rs.pid, signal.SIGCONT)
+            print(
+                f"frozen: /readyz 503 after {not_ready_after:.2f}s ({why_not_ready.strip()}), "
+                f"/healthz 503 after {unhealthy_after:.2f}s ({why_unhealthy.strip()})"
+            )
+            # The last renewal came at most one interval before the freeze.
+            assert not_ready_after <= ttl / 2 + 0.5, (not_ready_after, why_not_ready)
+            assert "no progress" in why_unhealthy, why_unhealthy
+            # The last progress came at most a getMore (1 s) before the freeze.
+            assert after - 1.5 <= unhealthy_after <= after + 1.5, (unhealthy_after, why_unhealthy)
             wait_for(lambda: _get(port, "/healthz")[0] == 200, timeout=60)
+            wait_for(lambda: _get(port, "/readyz") == (200, "active\n"), timeout=60)
             _emit(client, db, 1)
             wait_for(lambda: relay.stats.published == 2, timeout=60)
         finally:
@@ -371,3 +397,181 @@ def test_a_group_member_labels_its_partitions_gauges(
     # Partitions given back leave no series behind.
     after = _metrics(port)
     assert not [k for k in after if k[0] == "mongo_outbox_lease_active"]
+
+
+def _request(port: int, path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as reply:
+        return reply.status, {k.lower(): v for k, v in reply.headers.items()}, reply.read()
+
+
+def test_metrics_are_prometheus_clients_exposition_with_process_and_build_info(
+    client, db_name, relay_factory, served
+):
+    import gzip
+
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
+
+    from mongo_outbox import __version__
+
+    runner = relay_factory(db_name, publisher=InMemoryPublisher(), default_topic="orders")
+    port = served(runner.relay)
+    labels = {"outbox": f"{db_name}.outbox", "relay": "default"}
+    # Before any event: the failure counters of the known topic exist, at 0, for both kinds.
+    m = _metrics(port)
+    for kind in ("transient", "permanent"):
+        assert _value(m, "mongo_outbox_events_failed_total", topic="orders", kind=kind) == 0
+    assert _value(m, "mongo_outbox_events_published_total", topic="orders", **labels) == 0
+    assert _value(m, "mongo_outbox_build_info", version=__version__, **labels) == 1
+    assert _value(m, "process_resident_memory_bytes") > 0
+    assert _value(m, "process_open_fds") > 0
+    assert ("python_info", frozenset()) not in m  # labelled with the interpreter's version
+    assert [k for k in m if k[0] == "python_info"]
+
+    status, headers, body = _request(
+        port, "/metrics", Accept="application/openmetrics-text; version=1.0.0"
+    )
+    assert status == 200
+    assert headers["content-type"].startswith("application/openmetrics-text"), headers
+    text = body.decode()
+    assert text.endswith("# EOF\n")
+    names = {family.name for family in om_parse(text)}
+    assert {"mongo_outbox_events_failed", "mongo_outbox_build", "process_cpu_seconds"} <= names
+
+    status, headers, body = _request(port, "/metrics", **{"Accept-Encoding": "gzip"})
+    assert headers.get("content-encoding") == "gzip"
+    assert b"mongo_outbox_pending_events" in gzip.decompress(body)
+    status, headers, _ = _request(port, "/metrics")
+    assert headers["content-type"].startswith("text/plain; version=0.0.4"), headers
+    assert _get(port, "/nothing")[0] == 404
+    runner.stop()
+
+
+def test_dead_events_gauge_moves_when_the_relay_sets_events_dead(
+    client, db_name, relay_factory, served
+):
+    memory = InMemoryPublisher()
+    memory.fail_topic("poisoned")
+    # No sample after the first: only the relay itself can move the gauge.
+    runner = relay_factory(
+        db_name, publisher=memory, start=False, sample_interval=3600.0, max_attempts=1
+    )
+    relay = runner.relay
+    port = served(relay)
+    runner.start()
+    wait_for(lambda: _get(port, "/readyz") == (200, "active\n"), timeout=30)
+    wait_for(lambda: _value(_metrics(port), "mongo_outbox_dead_events") == 0)
+    _emit(client, db_name, 3, topic="poisoned", key=None)
+    wait_for(lambda: client[db_name].outbox.count_documents({"status": "dead"}) == 3)
+    started = time.monotonic()
+    wait_for(lambda: _value(_metrics(port), "mongo_outbox_dead_events") == 3, timeout=5)
+    assert time.monotonic() - started < 2
+    runner.stop()
+
+
+def _threads() -> int:
+    with open(f"/proc/{os.getpid()}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+
+
+@pytest.mark.slow
+def test_500_idle_clients_neither_grow_threads_nor_delay_probes(
+    client, db_name, relay_factory, pubsub
+):
+    import socket
+
+    topic, sub = pubsub.topic()
+    runner = relay_factory(db_name, default_topic=topic)
+    server = RelayHTTPServer(runner.relay, "127.0.0.1", 0, idle_timeout=3.0)
+    port = server.port
+    sockets: list[socket.socket] = []
+    try:
+        wait_for(lambda: _get(port, "/readyz") == (200, "active\n"), timeout=30)
+        before = _threads()
+        for i in range(500):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if i % 2:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # half a request
+            sockets.append(sock)
+        _emit(client, db_name, 200)  # the relay publishes meanwhile
+        worst = 0.0
+        for _ in range(10):
+            started = time.monotonic()
+            assert _get(port, "/healthz") == (200, "ok\n")
+            worst = max(worst, time.monotonic() - started)
+        threads = _threads()
+        print(
+            f"threads: {before} before, {threads} with 500 idle sockets; /healthz <= {worst:.3f}s"
+        )
+        assert worst < 1.0
+        assert threads <= before + 5, (before, threads)
+        assert len(sub.pull_until(200, timeout=60)) >= 200
+
+        def all_closed() -> bool:
+            closed = 0
+            for sock in sockets:
+                sock.settimeout(0.01)
+                try:
+                    closed += sock.recv(1) == b""
+                except TimeoutError:
+                    pass  # still open
+                except OSError:
+                    closed += 1  # reset: closed too
+            return closed == len(sockets)
+
+        started = time.monotonic()
+        wait_for(all_closed, timeout=20, interval=0.5)
+        print(f"idle sockets closed by the relay within {time.monotonic() - started:.1f}s")
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.close()
+        runner.stop()
+
+
+def test_at_the_connection_cap_a_probe_waits_only_until_idle_ones_are_closed(
+    client, db_name, relay_factory
+):
+    import socket
+
+    runner = relay_factory(db_name, publisher=InMemoryPublisher())
+    server = RelayHTTPServer(runner.relay, "127.0.0.1", 0, connection_limit=10, idle_timeout=1.0)
+    port = server.port
+    sockets: list[socket.socket] = []
+    try:
+        wait_for(lambda: _get(port, "/readyz") == (200, "active\n"), timeout=30)
+        sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(25)]
+        started = time.monotonic()
+        assert _get(port, "/healthz") == (200, "ok\n")
+        waited = time.monotonic() - started
+        # 25 idle connections ahead of it, 10 served at a time, each closed after 1 s idle
+        # (checked every second): three rounds at most.
+        assert waited < 7.0, waited
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.close()
+        runner.stop()
+
+
+def test_a_failing_broker_keeps_the_probes_up_once_its_topic_is_isolated(
+    client, db_name, relay_factory, served
+):
+    """Restarting the relay would not heal the broker: the failing topic is isolated within
+    --isolate-after and the loop goes on making progress."""
+    memory = InMemoryPublisher()
+    memory.fail_topic("frozen-topic", transient=True)
+    runner = relay_factory(
+        db_name, publisher=memory, isolate_after=1.0, transient_max=0.5, unhealthy_after=3.0
+    )
+    port = served(runner.relay)
+    wait_for(lambda: _get(port, "/readyz") == (200, "active\n"), timeout=30)
+    _emit(client, db_name, 5, topic="frozen-topic")
+    wait_for(lambda: memory.calls > 0)
+    deadline = time.monotonic() + 8.0  # well past --unhealthy-after
+    while time.monotonic() < deadline:
+        assert _get(port, "/healthz") == (200, "ok\n")
+        assert _get(port, "/readyz") == (200, "active\n")
+        time.sleep(0.25)  # sampling the probes over time, not waiting for a condition
+    assert client[db_name].outbox.count_documents({"status": "pending"}) == 5
+    runner.stop()

@@ -48,9 +48,43 @@ def test_health_fails_when_the_pipeline_keeps_failing_even_while_beating():
     health.beat()
     ok, reason = health.live()
     assert not ok
-    assert "pipeline failing for 11s: connection refused again" in reason
+    assert reason == "no progress for 11s, pipeline failing: connection refused again"
     health.working()  # steady state again
     assert health.live() == (True, "ok")
+
+
+def test_healthz_counts_from_the_last_progress_not_from_the_first_failure():
+    """One rule: no progress for unhealthy_after. A MongoDB that freezes 40 s before the
+    pipeline notices (server selection timeout) fails the probe 60 s after the last progress,
+    not 60 s after the failure, however often the failing polls come round."""
+    clock = Clock()
+    health = Health(unhealthy_after=60, clock=clock)
+    health.beat()  # the last batch before MongoDB froze
+    clock.now += 40
+    health.pipeline_failed("ServerSelectionTimeoutError")
+    for _ in range(21):
+        clock.now += 1
+        health.beat()  # restart attempts that read something, polls: none counts
+    ok, reason = health.live()
+    assert not ok, reason
+    assert reason.startswith("no progress for 61s, pipeline failing")
+
+
+def test_readyz_is_active_only_while_the_lease_renewal_is_fresh():
+    age: list[float | None] = [0.5]
+    health = Health(unhealthy_after=60, clock=Clock())
+    health.watch_lease(lambda: age[0], fresh_for=7.5)
+    health.readiness(None)
+    health.role("active")
+    assert health.ready() == (True, "active")
+    age[0] = 7.6  # a renewal missed by one interval (renewals every 3.75 s)
+    ok, reason = health.ready()
+    assert not ok
+    assert "lease last renewed 7.6s ago" in reason
+    age[0] = None  # the lease is gone; the loop has not noticed yet
+    assert health.ready() == (False, "lease lost (not yet back to standby)")
+    health.role("standby")
+    assert health.ready() == (True, "standby")
 
 
 def test_health_stopped_and_readiness():

@@ -52,8 +52,8 @@ class RelayConfig:
     #: Seconds a topic may keep failing transiently before it is isolated (its events wait,
     #: other topics go on).
     isolate_after: float = 30.0
-    #: ``/healthz`` fails when the loop has made no progress, or the pipeline has kept failing,
-    #: for this long.
+    #: ``/healthz`` fails when the loop has made no progress (work MongoDB answered; none
+    #: counts while the pipeline keeps failing) for this long.
     unhealthy_after: float = 60.0
     #: How often counts, oldest pending age and the oplog window are sampled.
     sample_interval: float = 15.0

@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._cloudlog import TRACEPARENT
 from .._errors import NotSentError, PublishError, TransientPublishError
-from .._event import utcnow
+from .._event import ATTR_TRACEPARENT, utcnow
 from .._store import Failure, OutboxStore
 from ..publishers import Publisher
 from ._backoff import Backoff
@@ -68,12 +69,12 @@ class Dispatcher:
         )
         self._transient = Backoff(config.transient_initial, config.transient_max)
         self._retry = Backoff(config.retry_initial, config.retry_max)
-        self._marker = Marker(store)
+        self._marker = Marker(store, on_dead=self._metrics.set_dead)
 
     def start(self, stop: threading.Event) -> None:
         """Begin a pipeline run (a fresh marker) that ``stop`` ends."""
         self._stop = stop
-        self._marker = Marker(self._store)
+        self._marker = Marker(self._store, on_dead=self._metrics.set_dead)
 
     def flush(self) -> None:
         """Wait until every outcome is written (raises the first write error)."""
@@ -167,6 +168,8 @@ class Dispatcher:
             self._stats.failed += len(outcome.failures) - outcome.dead
             self._stats.dead += outcome.dead
             self._record(pending, results, outcome)
+            if outcome.failures:
+                attributes = {e.message.event_id: e.message.attributes for e in pending}
             for failure in outcome.failures:
                 log.warning(
                     "event %s failed (attempt %d%s): %s",
@@ -174,7 +177,11 @@ class Dispatcher:
                     failure.attempts,
                     ", now dead" if failure.next_attempt_at is None else "",
                     failure.error,
-                    extra={"event_id": failure.event_id},
+                    extra={
+                        "event_id": failure.event_id,
+                        # The event's trace context, for the JSON log's trace fields.
+                        TRACEPARENT: attributes[failure.event_id].get(ATTR_TRACEPARENT),
+                    },
                 )
             for topic in outcome.succeeded_topics:
                 self.breaker.succeeded(topic)

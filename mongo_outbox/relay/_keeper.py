@@ -30,10 +30,10 @@ def await_outbox(store: OutboxStore, stop: threading.Event, health: Health) -> b
     while not stop.is_set():
         try:
             missing = missing_outbox(store)
+            health.beat()  # MongoDB answered; a failed poll is no progress
         except PyMongoError as exc:
             missing = f"MongoDB does not answer: {type(exc).__name__}"
         health.readiness(missing)
-        health.beat()
         if missing is None:
             return True
         if not announced:
@@ -51,10 +51,12 @@ def await_lease(
     deadline = None if timeout is None else time.monotonic() + timeout
     announced = False
     while not stop.is_set():
-        if health is not None:
-            health.beat()
         try:
-            if lease.try_acquire():
+            acquired = lease.try_acquire()
+            if health is not None:
+                health.beat()  # MongoDB answered; a failed poll is no progress
+                health.readiness(None)
+            if acquired:
                 if health is not None:
                     health.role("active")
                 return True
@@ -64,6 +66,8 @@ def await_lease(
             log.warning("cannot read the relay state document: %s", exc)
         except PyMongoError as exc:
             log.warning("cannot reach MongoDB to take the lease: %s", exc)
+            if health is not None:
+                health.readiness(f"MongoDB does not answer: {type(exc).__name__}")
         if not announced:
             log.info("standby: another relay holds the lease of %r", lease.name)
             if health is not None:

@@ -173,6 +173,7 @@ class Lease:
         self.ttl = ttl
         self.fence: int | None = None
         self._valid_until = 0.0
+        self._renewed_at = 0.0
         self._margin = ttl * margin
         suffix = state_collection_name("")
         #: The outbox, as ``database.collection``.
@@ -190,6 +191,13 @@ class Lease:
         if self.fence is None:
             return 0.0
         return max(0.0, self._valid_until - time.monotonic())
+
+    def since_renewal(self) -> float | None:
+        """Seconds since the start of the last successful renewal (or acquisition); None when
+        the lease is not held."""
+        if not self.held:
+            return None
+        return max(0.0, time.monotonic() - self._renewed_at)
 
     def check(self) -> None:
         """Raise :class:`LeaseLostError` unless the lease is held."""
@@ -268,6 +276,7 @@ class Lease:
         elif fence != self.fence:
             log.info("relay %r acquired the lease as %s (fence %d)", self.name, self.owner, fence)
         self.fence = fence
+        self._renewed_at = started
         self._valid_until = started + self.ttl - self._margin
         return True
 
@@ -286,6 +295,7 @@ class Lease:
             )
             self.fence = None
             return False
+        self._renewed_at = started
         self._valid_until = started + self.ttl - self._margin
         return True
 

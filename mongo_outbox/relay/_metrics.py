@@ -4,7 +4,13 @@ Every metric carries the labels ``outbox="<database>.<collection>"`` and ``relay
 in a relay group (``--partitions`` above 1) the per-partition gauges (checkpoint age, lease,
 held keys) also carry ``partition="<index>"``, one series per partition this process owns.
 Each relay has its own registry, so several relays in one process do not collide; the HTTP
-side serves it.
+side serves it, with the process metrics (``process_*``, ``python_*``) and
+``mongo_outbox_build_info{version}``.
+
+Counters have their series from the start, at 0, for the label values known then: so an alert
+on ``increase(...)`` reads 0, not "no data". ``events_failed_total`` and
+``events_published_total`` start with the relay's default topic (``topic=""`` without one) for
+each ``kind``; other topics' series appear with their first event.
 """
 
 from __future__ import annotations
@@ -15,7 +21,16 @@ from collections import Counter as _Tally
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -38,7 +53,16 @@ class PartitionState:
 class RelayMetrics:
     """Counters, gauges and histograms of one relay, in their own registry."""
 
-    def __init__(self, outbox: str, relay: str, *, partitioned: bool = False) -> None:
+    def __init__(
+        self,
+        outbox: str,
+        relay: str,
+        *,
+        partitioned: bool = False,
+        topics: Iterable[str | None] = (None,),
+    ) -> None:
+        from .. import __version__
+
         self.registry = CollectorRegistry(auto_describe=True)
         base = ["outbox", "relay"]
         self._labels = {"outbox": outbox, "relay": relay}
@@ -121,6 +145,16 @@ class RelayMetrics:
             own,
             registry=r,
         )
+        Info("mongo_outbox_build", "The mongo-outbox version", base, registry=r).labels(
+            **self._labels
+        ).info({"version": __version__})
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        r.register(_GC)
+        for topic in {_topic_id(t) for t in topics}:
+            self._published.labels(**self._labels, topic=topic)
+            for kind in ("transient", "permanent"):
+                self._failed.labels(**self._labels, topic=topic, kind=kind)
         self._per_partition = (self._checkpoint_age, self._lease_active, self._held_keys)
         self._shown: dict[Gauge, set[tuple[str, ...]]] = {g: set() for g in self._per_partition}
         self._partition_lock = threading.Lock()
@@ -129,6 +163,12 @@ class RelayMetrics:
         """Count confirmed events, one topic per event."""
         for topic, n in _Tally(_topic_id(t) for t in topics).items():
             self._published.labels(**self._labels, topic=topic).inc(n)
+
+    def set_dead(self, n: int) -> None:
+        """The relay itself set ``n`` events dead: the gauge moves now, not at the next sample
+        (which then sets the count it reads)."""
+        if n:
+            self.dead_events.inc(n)
 
     def failed(self, topics: Iterable[str | None], kind: str) -> None:
         """Count failed attempts (``kind`` ``transient`` or ``permanent``), one topic each."""
@@ -170,6 +210,10 @@ class RelayMetrics:
                 gauge.clear()
             else:
                 gauge.labels(**self._labels).set(value)
+
+
+# The process-wide GC collector, registered in each relay's registry (it reads the interpreter).
+_GC = GC_COLLECTOR
 
 
 def _topic_id(topic: str | None) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from bson import ObjectId
@@ -79,8 +79,12 @@ class Marker:
     write hit (the relay then restarts its pipeline; unmarked events are still ``pending``).
     """
 
-    def __init__(self, store: OutboxStore, depth: int = 4) -> None:
+    def __init__(
+        self, store: OutboxStore, depth: int = 4, on_dead: Callable[[int], None] = lambda n: None
+    ) -> None:
         self._store = store
+        #: Told how many events became dead once their write has landed.
+        self._on_dead = on_dead
         self._queue: queue.Queue[Any] = queue.Queue(depth)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -126,6 +130,7 @@ class Marker:
                 if self._error is None:
                     self._store.mark_published(published, at)
                     self._store.record_failures(failures)
+                    self._on_dead(sum(f.next_attempt_at is None for f in failures))
             except BaseException as exc:
                 self._error = exc
             finally:

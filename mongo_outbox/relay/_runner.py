@@ -136,9 +136,14 @@ class Relay:
                 f"{config.database}.{config.collection}",
                 config.name,
                 partitioned=config.partitions > 1,
+                topics=[config.default_topic],
             )
         )
         self.health = Health(config.unhealthy_after)
+        # Renewed every quarter of the ttl (keep_renewed): fresh while at most two renewals old.
+        self.health.watch_lease(
+            self.lease.since_renewal if partition else self._freshest_lease, config.lease_ttl / 2
+        )
         self.dispatcher = Dispatcher(
             publisher,
             self.store,
@@ -380,6 +385,11 @@ class Relay:
         """The partitions' relays of a group member that are running now."""
         with self._stats_lock:
             return [r for r in self._partitions or () if r.running]
+
+    def _freshest_lease(self) -> float | None:
+        """A group member's youngest partition lease renewal (None: it holds none)."""
+        ages = [a for r in self._working() if (a := r.lease.since_renewal()) is not None]
+        return min(ages, default=None)
 
     def _oldest_token(self) -> Mapping[str, Any] | None:
         """The checkpoint furthest behind (what the oplog must still hold)."""
