@@ -22,6 +22,7 @@ from ._store import ensure_indexes
 from ._transaction import (
     AsyncOutboxTransaction,
     OutboxTransaction,
+    emit_in,
     outbox_transaction,
     run_in_outbox_transaction,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "TransientPublishError",
     "ValidationError",
     "__version__",
+    "emit_in",
     "encode_payload",
     "ensure_indexes",
     "outbox_transaction",

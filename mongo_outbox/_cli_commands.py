@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import gc
+import importlib
 import json
 import logging
 import os
@@ -589,3 +590,42 @@ def demo(args: Args) -> int:
         # The demo narrates; the relay's own INFO lines would only interleave with it.
         logging.getLogger("mongo_outbox").setLevel(logging.WARNING)
     return run_demo()
+
+
+def asyncapi(args: Args) -> int:
+    """Write an AsyncAPI 3.0 document of the events declared with @event in MODULE (a module
+    name, importable from the current directory): a channel per topic, a message per event type
+    with its payload's JSON Schema and the attributes the relay adds in --message-format, and
+    send operations. YAML, or JSON for a .json --output. Needs mongo-outbox[pydantic]."""
+    try:
+        from . import typed
+    except ImportError as exc:
+        raise CommandError(EXIT_CONFIG, str(exc)) from exc
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: the project's own modules
+    try:
+        module = importlib.import_module(args.module)
+    except Exception as exc:  # whatever importing it raised: a missing module, a broken one
+        raise CommandError(
+            EXIT_CONFIG, f"cannot import module {args.module!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not typed.event_classes(module):
+        raise CommandError(
+            EXIT_CONFIG, f"module {args.module!r} declares no events (no @event class in it)"
+        )
+    document = typed.asyncapi(
+        module,
+        message_format=args.message_format,
+        cloudevents_source=args.cloudevents_source,
+        title=args.title,
+        version=args.doc_version,
+    )
+    output = args.output
+    text = typed.dump(document, json_output=bool(output) and output.endswith(".json"))
+    if output:
+        with open(output, "w", encoding="utf-8") as file:
+            file.write(text)
+        log.info("wrote %s (%d events)", output, len(document["components"]["messages"]))
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK

@@ -129,17 +129,18 @@ class Inbox:
             record["type"] = event_type
         return record
 
-    def process(
-        self, message: InboxMessage, handler: Callable[[Any, Any], Any]
-    ) -> bool | Awaitable[bool]:
+    def process(self, message: InboxMessage, handler: Handler) -> bool | Awaitable[bool]:
         """Run ``handler(tx, message)`` once per event, in one transaction with its record.
 
         Returns True when the handler ran and its transaction committed, False when the message
         is a duplicate (nothing ran). ``tx`` offers ``session`` and ``emit`` exactly like
         :func:`~mongo_outbox.outbox_transaction`'s. Transient transaction errors re-run the
         transaction (so the handler must do nothing outside it that cannot be repeated); the
-        handler's own exception aborts everything and propagates.
+        handler's own exception aborts everything and propagates. ``handler`` may also be a
+        mapping of ``@event`` classes to ``handler(tx, event, message)`` or a
+        :class:`mongo_outbox.typed.Handlers` (a message it rejects and records returns True).
         """
+        handler = _dispatch(self, handler)
         if self._async:
             return self._process_async(message, handler)
         records = self.client[self.database][self.collection]
@@ -205,7 +206,7 @@ class Inbox:
     def subscribe(
         self,
         subscription: str,
-        handler: Callable[[OutboxTransaction, Any], Any],
+        handler: Handler,
         *,
         max_messages: int = 100,
         max_bytes: int = 100 * 1024 * 1024,
@@ -220,9 +221,10 @@ class Inbox:
         bytes outstanding). Each message is acked after its transaction committed, and so is a
         duplicate; a handler error nacks it (Pub/Sub redelivers it). On an ordered
         subscription the messages of one key are handled one at a time, in order.
-        ``subscriber`` is a ``google.cloud.pubsub_v1.SubscriberClient`` to use (default: a new
-        one, closed on return); ``flow_control`` a ``google.cloud.pubsub_v1.types.FlowControl``
-        that replaces ``max_messages`` and ``max_bytes`` (its ``max_duration_per_lease_extension``
+        ``handler`` is :meth:`process`'s. ``subscriber`` is a
+        ``google.cloud.pubsub_v1.SubscriberClient`` to use (default: a new one, closed on
+        return); ``flow_control`` a ``google.cloud.pubsub_v1.types.FlowControl`` that replaces
+        ``max_messages`` and ``max_bytes`` (its ``max_duration_per_lease_extension``
         also bounds how long a crashed consumer's messages wait before they are redelivered:
         60 s by default). Raises what ends the stream (a subscription that does not
         exist, for one).
@@ -243,7 +245,7 @@ class Inbox:
         )
         future = client.subscribe(
             subscription,
-            self._callback(handler),
+            self._callback(_dispatch(self, handler)),
             flow_control=flow,
             await_callbacks_on_shutdown=True,
         )
@@ -300,6 +302,25 @@ class Inbox:
                 raise
         if retention is not None:
             set_retention(db[self.collection], "processed_at", retention)
+
+
+#: ``handler(tx, message)``; or, typed, ``{EventClass: handler(tx, event, message)}`` or a
+#: ``mongo_outbox.typed.Handlers``.
+Handler = Callable[[Any, Any], Any] | Mapping[Any, Callable[..., Any]]
+
+
+def _dispatch(inbox: Inbox, handler: Handler) -> Callable[[Any, Any], Any]:
+    """The ``(tx, message)`` handler to run: typed handlers (``mongo_outbox.typed``, imported
+    only then) parse each message into its event class first."""
+    if isinstance(handler, Mapping):
+        from .typed import Handlers
+
+        handler = Handlers(handler)
+    bind = getattr(handler, "_bind_inbox", None)
+    if bind is not None:
+        bound: Callable[[Any, Any], Any] = bind(inbox)
+        return bound
+    return handler
 
 
 def _is_cancellation(exc: BaseException) -> bool:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import TextIO
 
 from ._cloudlog import CloudLoggingFormatter as JsonFormatter
-from ._redact import redact
+from ._redact import Redactor, redact
 
 __all__ = ["LOG_FORMATS", "JsonFormatter", "RedactingFilter", "cli_logging", "redact"]
 
@@ -35,25 +35,24 @@ class RedactingFilter(logging.Filter):
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        # Longest first, so a secret that contains another is replaced whole.
-        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._scrub = Redactor(secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
         except Exception:  # a bad log call: keep its parts, never raise into the caller
             message = f"{record.msg} {record.args!r}"
-        record.msg = redact(message, self._secrets)
+        record.msg = self._scrub(message)
         record.args = None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = redact(record.exc_text, self._secrets)
+            record.exc_text = self._scrub(record.exc_text)
         if record.stack_info:
-            record.stack_info = redact(record.stack_info, self._secrets)
+            record.stack_info = self._scrub(record.stack_info)
         for name, value in list(record.__dict__.items()):
             if name not in _STANDARD and isinstance(value, str):
-                setattr(record, name, redact(value, self._secrets))
+                setattr(record, name, self._scrub(value))
         return True
 
 

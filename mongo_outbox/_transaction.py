@@ -10,7 +10,7 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from bson import ObjectId
 from pymongo import AsyncMongoClient, MongoClient
@@ -18,12 +18,16 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 from pymongo.write_concern import WriteConcern
 
 from ._errors import REPLICA_SET_FIX, ConfigurationError, OutboxError
-from ._event import build_document
+from ._event import build_document, resolve_event
 from ._tracing import current_trace
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 __all__ = [
     "AsyncOutboxTransaction",
     "OutboxTransaction",
+    "emit_in",
     "outbox_transaction",
     "run_in_outbox_transaction",
 ]
@@ -82,6 +86,14 @@ def _commit_should_retry(exc: PyMongoError, started: float) -> bool:
     return not (isinstance(exc, OperationFailure) and exc.code == _MAX_TIME_EXPIRED)
 
 
+def _document(event: Any, payload: Any, topic: Any, key: Any, attributes: Any) -> dict[str, Any]:
+    """The validated outbox document of an ``emit`` call (an event type, or a typed model)."""
+    event_type, payload, topic, key = resolve_event(event, payload, topic, key)
+    return build_document(
+        event_type, payload, topic=topic, key=key, attributes=attributes, trace=current_trace()
+    )
+
+
 class _EventBuffer:
     """Validated outbox documents waiting for the commit."""
 
@@ -92,16 +104,14 @@ class _EventBuffer:
 
     def emit(
         self,
-        event_type: str,
-        payload: Mapping[str, Any] | bytes | str,
+        event: str | BaseModel,
+        payload: Mapping[str, Any] | bytes | str | None = None,
         *,
         topic: str | None = None,
         key: str | None = None,
         attributes: Mapping[str, str] | None = None,
     ) -> ObjectId:
-        doc = build_document(
-            event_type, payload, topic=topic, key=key, attributes=attributes, trace=current_trace()
-        )
+        doc = _document(event, payload, topic, key, attributes)
         self._docs.append(doc)
         event_id: ObjectId = doc["_id"]
         return event_id
@@ -180,8 +190,8 @@ class _TransactionBase:
 
     def emit(
         self,
-        event_type: str,
-        payload: Mapping[str, Any] | bytes | str,
+        event: str | BaseModel,
+        payload: Mapping[str, Any] | bytes | str | None = None,
         *,
         topic: str | None = None,
         key: str | None = None,
@@ -189,6 +199,9 @@ class _TransactionBase:
     ) -> ObjectId:
         """Validate an event and queue it for the commit; return its event id.
 
+        ``event`` is the event type, or a pydantic model whose class is declared with
+        :func:`mongo_outbox.typed.event` (its type, topic and key come from the class, its
+        payload is ``model_dump(mode="json")``; give no payload, topic or key then).
         ``payload`` is a dict (published as JSON), bytes (as is) or str (UTF-8). ``topic`` falls
         back to the relay's default topic; events with the same ``key`` are published in
         commit order. Raises :class:`~mongo_outbox.ValidationError` at once when the event
@@ -196,7 +209,7 @@ class _TransactionBase:
         transaction (before the block, after it) it raises :class:`~mongo_outbox.OutboxError`.
         """
         self._live_session("emit")
-        return self._events.emit(event_type, payload, topic=topic, key=key, attributes=attributes)
+        return self._events.emit(event, payload, topic=topic, key=key, attributes=attributes)
 
     def _collection(self) -> Any:
         return self._client[self._database][self._collection_name]
@@ -481,3 +494,49 @@ async def _run_async(
             raise
     finally:
         await _maybe_await(session.end_session())
+
+
+def emit_in(
+    session: Any,
+    event: str | BaseModel,
+    payload: Mapping[str, Any] | bytes | str | None = None,
+    *,
+    database: str,
+    topic: str | None = None,
+    key: str | None = None,
+    attributes: Mapping[str, str] | None = None,
+    collection: str = "outbox",
+) -> Any:
+    """Insert an event into ``<database>.<collection>`` at once, in the transaction ``session``
+    is running (one someone else started: an ODM's, your own); return its event id.
+
+    The event commits or aborts with that transaction. ``event``, ``payload``, ``topic``,
+    ``key`` and ``attributes`` are :meth:`OutboxTransaction.emit`'s. With an async session
+    (PyMongo's ``AsyncClientSession``, Motor's) it returns an awaitable of the id. Raises
+    :class:`~mongo_outbox.OutboxError` when ``session`` is not in a transaction (the event
+    would commit on its own), :class:`~mongo_outbox.ValidationError` when the event is invalid.
+    """
+    client = getattr(session, "client", None)
+    if client is None or not hasattr(session, "in_transaction"):
+        raise OutboxError(
+            f"emit_in needs a PyMongo or Motor client session, not {type(session).__name__} "
+            "(with ODMantic, pass transaction.get_driver_session())"
+        )
+    if not session.in_transaction:
+        raise OutboxError(
+            "emit_in needs a session in a transaction (session.start_transaction(), or your "
+            "ODM's transaction): outside one the event would commit without your writes"
+        )
+    doc = _document(event, payload, topic, key, attributes)
+    outbox = client[database][collection]
+    if _is_async_client(client):
+        return _insert_async(outbox, doc, session)
+    outbox.insert_one(doc, session=session)
+    event_id: ObjectId = doc["_id"]
+    return event_id
+
+
+async def _insert_async(outbox: Any, doc: dict[str, Any], session: Any) -> ObjectId:
+    await outbox.insert_one(doc, session=session)
+    event_id: ObjectId = doc["_id"]
+    return event_id

@@ -1,4 +1,5 @@
-"""The ``mongo-outbox`` command (click): relay, init, status, checkpoint, dead, requeue, demo.
+"""The ``mongo-outbox`` command (click): relay, init, status, checkpoint, dead, requeue, demo,
+asyncapi.
 
 Every option is also read from ``MONGO_OUTBOX_<FLAG>`` (upper case, dashes as underscores),
 the same name in every command, e.g. ``MONGO_OUTBOX_MONGO_URI``; ``--help`` shows it. Exit
@@ -339,6 +340,20 @@ _command(
     _flag("--dry-run", "count the events per topic; publish nothing"),
 )
 _command(commands.demo, "run the whole flow on a throwaway replica set and Pub/Sub emulator")
+_command(
+    commands.asyncapi,
+    "write an AsyncAPI 3.0 document of the events a module declares",
+    click.Argument(["module"]),
+    *PUBLISH_OPTIONS[2:],  # --message-format, --cloudevents-source
+    _option(
+        "--output",
+        "file to write (JSON when it ends in .json, else YAML) [default: standard output]",
+        type=click.Path(dir_okay=False, writable=True),
+        metavar="FILE",
+    ),
+    _option("--title", "the document's info.title [default: <module> events]"),
+    _option("--doc-version", "the document's info.version", default="1.0.0"),
+)
 
 
 def _fail(code: int, message: str, scrub: Redactor, *, as_log: bool = False) -> NoReturn:

@@ -1254,3 +1254,68 @@ def test_status_shows_the_retention_of_a_named_inbox(
     assert re.search(r"^retention\s+outbox 2d, billing_inbox 2d$", out, re.MULTILINE), out
     code, out, _ = run_cli(["status", *flags, "--json"], capsys)
     assert json.loads(out)["retention_s"] == {"outbox": 172800, "billing_inbox": 172800}
+
+
+# -- asyncapi ----------------------------------------------------------------------------------
+
+
+def test_asyncapi_writes_yaml_to_standard_output(capsys):
+    import typed_events
+    import yaml
+
+    from mongo_outbox.typed import asyncapi
+
+    code, out, _ = run_cli(["asyncapi", "typed_events"], capsys)
+    assert code == 0
+    assert yaml.safe_load(out) == asyncapi(typed_events)
+
+
+def test_asyncapi_writes_json_for_a_json_output(tmp_path, capsys):
+    import typed_events
+
+    from mongo_outbox.typed import asyncapi
+
+    target = tmp_path / "events.json"
+    argv = ["asyncapi", "typed_events", "--message-format", "cloudevents", "--output", str(target)]
+    code, out, _ = run_cli([*argv, "--title", "Shop"], capsys)
+    assert (code, out) == (0, "")
+    document = json.loads(target.read_text())
+    assert document == asyncapi(typed_events, message_format="cloudevents", title="Shop")
+    assert "ce-type" in document["components"]["messages"]["Ping"]["headers"]["properties"]
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        ("no_such_module_here", r"cannot import module 'no_such_module_here': ModuleNotFoundError"),
+        ("helpers", r"module 'helpers' declares no events"),
+    ],
+)
+def test_asyncapi_with_a_bad_module_exits_2(module, message, capsys):
+    code, out, err = run_cli(["asyncapi", module], capsys)
+    assert code == 2
+    assert out == ""
+    assert re.search(message, err), err
+
+
+def test_asyncapi_as_the_console_script_imports_from_the_current_directory(tmp_path):
+    (tmp_path / "shop_events.py").write_text(
+        "from pydantic import BaseModel\n"
+        "from mongo_outbox.typed import event\n\n"
+        "@event('Paid', topic='payments', key='order_id')\n"
+        "class Paid(BaseModel):\n"
+        "    order_id: str\n"
+    )
+    env = _env()
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "mongo-outbox"), "asyncapi", "shop_events"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "address: payments" in result.stdout

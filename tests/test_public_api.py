@@ -31,6 +31,7 @@ EXPECTED_ALL = [
     "TransientPublishError",
     "ValidationError",
     "__version__",
+    "emit_in",
     "encode_payload",
     "ensure_indexes",
     "outbox_transaction",

@@ -6,6 +6,7 @@ replaced by the test's and the ``shop`` database by a unique one.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import textwrap
@@ -13,6 +14,8 @@ from pathlib import Path
 
 from bson import Decimal128
 from pymongo import MongoClient
+
+from mongo_outbox.testing import EmulatorSubscription
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SAMPLE_URI = "mongodb://localhost:27017/?replicaSet=rs0"
@@ -52,24 +55,30 @@ def test_readme_samples_run(mongodb_uri, outbox_database, mongo_client, pubsub_s
     db = mongo_client[outbox_database]
     assert db.orders.count_documents({}) == 4  # two sync samples, two async
     events = list(db.outbox.find({}, sort=[("_id", 1)]))
-    assert [e["type"] for e in events] == ["OrderCreated"] * 4
-    # The in-process relay sample published them all.
+    assert [e["type"] for e in events] == ["OrderCreated"] * 4 + ["OrderPlaced"] * 2
+    # The in-process relay sample published the four written before it; the typed ones came later.
     assert namespace["published"] == 4
-    assert all(e["status"] == "published" for e in events)
+    assert [e["status"] for e in events] == ["published"] * 4 + ["pending"] * 2
+    # "Typed events": a model emitted with tx.emit and one with emit_in, with their writes.
+    assert [(e["topic"], e["key"]) for e in events[4:]] == [("orders", "o-1"), ("orders", "o-2")]
+    assert db.payments.count_documents({}) == 2
     assert db.orders.find_one({"_id": 7})["total"] == Decimal128("9.90")
 
-    # Sample tests (the test kit's) run with the fixtures they name, on a database of their own.
+    # Sample tests (the test kit's) run with the fixtures they name, on a database of their own,
+    # each with a subscription of its own (as pytest would give them).
     kit_database = f"{outbox_database}_kit"
-    fixtures = {
-        "mongo_client": mongo_client,
-        "outbox_database": kit_database,
-        "pubsub_subscription": pubsub_subscription,
-    }
+    project = pubsub_subscription.topic_path.split("/")[1]
     tests = [f for name, f in namespace.items() if name.startswith("test_") and callable(f)]
     assert tests
     try:
         for test in tests:
             names = inspect.signature(test).parameters
-            test(**{name: fixtures[name] for name in names})
+            with contextlib.ExitStack() as stack:
+                fixtures = {"mongo_client": mongo_client, "outbox_database": kit_database}
+                if "pubsub_subscription" in names:
+                    subscription = EmulatorSubscription(project)
+                    stack.callback(subscription.close)
+                    fixtures["pubsub_subscription"] = subscription
+                test(**{name: fixtures[name] for name in names})
     finally:
         mongo_client.drop_database(kit_database)
