@@ -258,6 +258,9 @@ def test_a_members_partitions_share_its_memory_budget(client, db_name):
     )
     relay = Relay(client, InMemoryPublisher(), config)
     parts = [relay._enlist(Partition(i, 4)) for i in range(4)]
-    assert sum(p.config.queue_bytes for p in parts) <= config.queue_bytes
+    # One queue budget for all (not a share each), one sweep at a time, a share of the batches.
+    assert {id(p._queue_budget) for p in parts} == {id(relay._queue_budget)}
+    assert relay._queue_budget.max_bytes == config.queue_bytes
+    assert {id(p._sweep_turn) for p in parts} == {id(relay._sweep_turn)}
     assert sum(p.config.max_batch_bytes for p in parts) <= config.max_batch_bytes
     assert all(p.config.name == config.name for p in parts)
