@@ -12,16 +12,18 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
 import pytest
-from helpers import free_port, run_cli
+from helpers import free_port, run_cli, wait_for
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
@@ -1234,3 +1236,68 @@ def test_status_shows_the_retention_of_a_named_inbox(
     assert re.search(r"^retention\s+outbox 2d, billing_inbox 2d$", out, re.MULTILINE), out
     code, out, _ = run_cli(["status", *flags, "--json"], capsys)
     assert json.loads(out)["retention_s"] == {"outbox": 172800, "billing_inbox": 172800}
+
+
+# -- signal handlers belong to the process ---------------------------------------------------
+
+
+@pytest.mark.parametrize("once", [True, False], ids=["once", "stopped"])
+def test_in_process_relay_leaves_the_callers_signal_handlers(
+    once, mongodb_uri, db_name, pubsub, capsys
+):
+    caught: list[int] = []
+
+    def callers(signum: int, frame: object) -> None:
+        caught.append(signum)
+
+    argv = ["relay", "--mongo-uri", mongodb_uri, "--database", db_name]
+    argv += ["--project", pubsub.project, "--default-topic", pubsub.topic()[0]]
+    before = {s: signal.signal(s, callers) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if once:
+            code, _, _ = run_cli([*argv, "--once"], capsys)
+        else:
+            # The relay's own handler is in place while it runs: its SIGINT stops it.
+            def interrupt() -> None:
+                wait_for(lambda: signal.getsignal(signal.SIGINT) is not callers)
+                os.kill(os.getpid(), signal.SIGINT)
+
+            threading.Thread(target=interrupt, daemon=True).start()
+            code, _, _ = run_cli(argv, capsys)
+        assert code == 0
+        assert signal.getsignal(signal.SIGINT) is callers
+        assert signal.getsignal(signal.SIGTERM) is callers
+        assert caught == []
+        os.kill(os.getpid(), signal.SIGINT)
+        wait_for(lambda: caught == [signal.SIGINT])
+    finally:
+        for signum, old in before.items():
+            signal.signal(signum, old)
+
+
+def test_a_second_signal_reaches_the_callers_handler_in_process(
+    mongodb_uri, db_name, pubsub, capsys, caplog
+):
+    caught: list[int] = []
+
+    def callers(signum: int, frame: object) -> None:
+        caught.append(signum)
+
+    argv = ["relay", "--mongo-uri", mongodb_uri, "--database", db_name]
+    argv += ["--project", pubsub.project, "--default-topic", pubsub.topic()[0]]
+    before = signal.signal(signal.SIGTERM, callers)
+
+    def interrupt_twice() -> None:
+        wait_for(lambda: signal.getsignal(signal.SIGTERM) is not callers)
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_for(lambda: "SIGTERM received" in caplog.text)  # else the two may merge into one
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        threading.Thread(target=interrupt_twice, daemon=True).start()
+        code, _, _ = run_cli(argv, capsys)  # not os._exit: this process is the caller's
+        assert code == 0
+        wait_for(lambda: caught == [signal.SIGTERM])
+        assert signal.getsignal(signal.SIGTERM) is callers
+    finally:
+        signal.signal(signal.SIGTERM, before)
