@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from bson.errors import InvalidBSON
-from pymongo import ASCENDING
 from pymongo.collection import Collection
 from pymongo.database import Database
 
-from ._event import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED
+from ._event import STATUS_DEAD, STATUS_PENDING
 from ._event import utcnow as _utcnow
+from ._mongo_errors import outbox_missing
 from ._partition import Partition
-from ._store import lenient, state_collection_name
+from ._store import count_by_status, lenient, oldest_pending, state_collection_name
 
 __all__ = [
     "LIVE_LEASE",
@@ -132,22 +132,15 @@ class OutboxAdmin:
 
     def exists(self) -> bool:
         """Whether the outbox collection exists (asking creates nothing)."""
-        names = self.db.list_collection_names(filter={"name": self.outbox.name})
-        return self.outbox.name in names
+        return outbox_missing(self.outbox) is None
 
     def counts(self) -> dict[str, int]:
         """Number of events per status."""
-        result = {STATUS_PENDING: 0, STATUS_PUBLISHED: 0, STATUS_DEAD: 0}
-        for row in self.outbox.aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}]):
-            result[str(row["_id"])] = int(row["n"])
-        return result
+        return count_by_status(self.outbox)
 
     def oldest_pending(self) -> dict[str, Any] | None:
         """The first pending event in ``_id`` order, if any."""
-        doc: dict[str, Any] | None = self.outbox.find_one(
-            {"status": STATUS_PENDING}, {"created_at": 1}, sort=[("_id", ASCENDING)]
-        )
-        return doc
+        return oldest_pending(self.outbox)
 
     def newest_errors(self, limit: int = 5) -> list[dict[str, Any]]:
         """The most recent dead events with their reasons."""

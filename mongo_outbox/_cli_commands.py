@@ -23,12 +23,12 @@ from bson import ObjectId
 from bson.errors import InvalidId
 from pymongo import MongoClient
 from pymongo.errors import ConfigurationError as MongoConfigurationError
-from pymongo.errors import ConnectionFailure, OperationFailure
 
 from ._admin import GroupInfo, OutboxAdmin, RelayInfo, shared_outbox_warning
-from ._errors import REPLICA_SET_FIX, ConfigurationError, ConnectError, LeaseLostError
+from ._errors import ConfigurationError, LeaseLostError
 from ._event import age_of, check_topic, format_timestamp
 from ._malloc import fix_mmap_threshold
+from ._mongo_errors import check_replica_set, require_outbox
 from ._oplog import headroom, read_oplog_window, token_time
 from ._redact import Redactor, redact_uri, unescaped_hint
 from ._retention import parse_duration, retention_of
@@ -75,28 +75,17 @@ def connect(args: Args) -> MongoClient[Any]:
             f"invalid MongoDB URI {safe}: {scrub(str(exc))}{unescaped_hint(uri)}"
         ) from exc
     try:
-        hello = client.admin.command("hello")
-    except ConnectionFailure as exc:
+        check_replica_set(client, safe, scrub)
+    except BaseException:
         client.close()
-        first = scrub(str(exc)).split(" (configured timeouts")[0][:300]
-        raise ConnectError(f"cannot connect to MongoDB at {safe}: {first}") from exc
-    except OperationFailure as exc:
-        client.close()
-        raise ConfigurationError(f"MongoDB at {safe} refused us: {scrub(str(exc))}") from exc
-    if "setName" not in hello and hello.get("msg") != "isdbgrid":
-        client.close()
-        raise ConfigurationError(f"MongoDB at {safe} is a standalone server; {REPLICA_SET_FIX}")
+        raise
     return client
 
 
 def _existing_outbox(client: MongoClient[Any], args: Args) -> OutboxAdmin:
     """The admin of the outbox collection, which must exist: a typo creates nothing."""
     admin = OutboxAdmin(client[args.database], args.collection)
-    if not admin.exists():
-        raise ConfigurationError(
-            f"no outbox collection {admin.name}: check --database/--collection, "
-            "or run `mongo-outbox init`"
-        )
+    require_outbox(admin.outbox)
     return admin
 
 

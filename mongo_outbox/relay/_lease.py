@@ -26,6 +26,7 @@ from pymongo.errors import OperationFailure
 
 from .._admin import LIVE_LEASE, shared_outbox_warning
 from .._errors import ConfigurationError, LeaseLostError
+from .._mongo_errors import is_auth_failure
 from .._store import lenient, state_collection_name
 
 __all__ = ["Lease", "new_owner_id"]
@@ -35,7 +36,6 @@ log = logging.getLogger("mongo_outbox.relay")
 #: Largest valid fence: doubles are exact up to here, and bumping it cannot overflow an Int64.
 MAX_FENCE = 2**53
 #: Server error codes that say the relay's user may not do this: Unauthorized, AuthenticationFailed.
-_AUTH_CODES = (13, 18)
 _NUMBERS = ["int", "long", "double", "decimal"]
 _ABSENT = ["missing", "null"]
 _CHECK = "_outbox_lease_check"  # scratch field of the acquiring update, removed by it
@@ -232,7 +232,7 @@ class Lease:
                 return_document=ReturnDocument.AFTER,
             )
         except OperationFailure as exc:
-            if exc.code in _AUTH_CODES:
+            if is_auth_failure(exc):
                 raise ConfigurationError(
                     f"MongoDB refused the lease of relay {self.name!r} on {self.state.full_name}: "
                     f"{_reason(exc)}"
