@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -11,44 +11,23 @@ from bson.errors import InvalidBSON
 from pymongo.collection import Collection
 from pymongo.database import Database
 
-from ._event import STATUS_DEAD, STATUS_PENDING
-from ._event import utcnow as _utcnow
+from ._document import STATUS_DEAD, STATUS_PENDING
 from ._mongo_errors import outbox_missing
 from ._partition import Partition
 from ._store import count_by_status, lenient, oldest_pending, state_collection_name
+from ._times import utcnow as _utcnow
+from .relay._lease import LIVE_LEASE
 
 __all__ = [
-    "LIVE_LEASE",
     "FailingReason",
     "GroupInfo",
     "MemberInfo",
     "OutboxAdmin",
     "PartitionInfo",
     "RelayInfo",
-    "shared_outbox_warning",
 ]
 
 _T = TypeVar("_T")
-
-#: Aggregation expression, true for a relay state document whose lease is held now: a string
-#: owner and a date expiry later than the server's clock. Anything else holds nothing.
-LIVE_LEASE: dict[str, Any] = {
-    "$and": [
-        {"$eq": [{"$type": "$lease_owner"}, "string"]},
-        {"$eq": [{"$type": "$lease_expires_at"}, "date"]},
-        {"$gt": ["$lease_expires_at", "$$NOW"]},
-    ]
-}
-
-
-def shared_outbox_warning(names: Sequence[str], outbox: str) -> str:
-    """The warning about several relay names publishing from one outbox."""
-    listed = f"{', '.join(names[:-1])} and {names[-1]}"
-    verb = "both publish" if len(names) == 2 else "all publish"
-    return (
-        f"relay names {listed} {verb} from outbox {outbox}: every event is published by each; "
-        "give them the same --name (one active, others standby)"
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,9 +24,9 @@ from bson.errors import InvalidId
 from pymongo import MongoClient
 from pymongo.errors import ConfigurationError as MongoConfigurationError
 
-from ._admin import GroupInfo, OutboxAdmin, RelayInfo, shared_outbox_warning
+from ._admin import GroupInfo, OutboxAdmin, RelayInfo
 from ._errors import ConfigurationError, LeaseLostError
-from ._event import age_of, check_topic, format_timestamp
+from ._limits import check_topic
 from ._malloc import fix_mmap_threshold
 from ._mongo_errors import check_replica_set, require_outbox
 from ._oplog import headroom, read_oplog_window, token_time
@@ -34,6 +34,8 @@ from ._redact import Redactor, redact_uri, unescaped_hint
 from ._retention import parse_duration, retention_of
 from ._signals import stop_on_signals
 from ._store import OutboxStore, ensure_indexes
+from ._times import age_of, format_timestamp
+from .relay._lease import shared_outbox_warning
 
 Args = SimpleNamespace  # a command's settings, one attribute per option
 

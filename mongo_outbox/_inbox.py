@@ -23,10 +23,10 @@ from pymongo.errors import DuplicateKeyError
 from pymongo.write_concern import WriteConcern
 
 from ._errors import ConfigurationError
-from ._event import ATTR_EVENT_ID, ATTR_EVENT_TYPE, utcnow
-from ._formats import CE_TYPE
+from ._formats import ATTR_EVENT_ID, ATTR_EVENT_TYPE, CE_TYPE
 from ._mongo_errors import create_collection
 from ._retention import set_retention
+from ._times import utcnow
 from ._transaction import (
     OutboxTransaction,
     _database_name,

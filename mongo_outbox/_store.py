@@ -19,8 +19,8 @@ from pymongo.database import Database
 from pymongo.errors import OperationFailure
 from pymongo.read_concern import ReadConcern
 
+from ._document import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED
 from ._errors import ConfigurationError
-from ._event import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED
 from ._mongo_errors import create_collection
 from ._partition import Partition, slot_for
 from ._retention import set_retention

@@ -17,8 +17,8 @@ from pymongo import AsyncMongoClient, MongoClient
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 from pymongo.write_concern import WriteConcern
 
+from ._document import build_document
 from ._errors import ConfigurationError, OutboxError
-from ._event import build_document
 from ._mongo_errors import MAX_TIME_EXPIRED, raise_if_standalone, raise_mapped
 from ._tracing import current_trace
 

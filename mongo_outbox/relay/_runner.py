@@ -29,6 +29,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
+from .._document import Event, Poison, event_from_raw
 from .._errors import ConfigurationError, LeaseLostError
 from .._mongo_errors import is_auth_failure, outbox_missing
 from .._oplog import token_time
@@ -39,7 +40,6 @@ from ._backoff import Backoff
 from ._budget import ByteBudget
 from ._checkpoint import Checkpoint
 from ._config import RelayConfig
-from ._decode import Event, Poison, event_from_raw
 from ._dedup import StreamSweepDedup
 from ._dispatch import Dispatcher
 from ._group import RelayGroup

@@ -13,10 +13,11 @@ from typing import Any
 
 from pymongo.errors import PyMongoError
 
-from .._event import STATUS_DEAD, STATUS_PENDING, age_of
+from .._document import STATUS_DEAD, STATUS_PENDING
 from .._mongo_errors import outbox_missing
 from .._oplog import headroom, read_oplog_window
 from .._store import OutboxStore, count_by_status, oldest_pending
+from .._times import age_of
 from ._health import Health
 from ._metrics import RelayMetrics
 
