@@ -16,8 +16,9 @@ from ._errors import (
     TransientPublishError,
     ValidationError,
 )
-from ._event import Message, encode_payload
 from ._inbox import Inbox
+from ._message import Message
+from ._payload import encode_payload
 from ._store import ensure_indexes
 from ._transaction import (
     AsyncOutboxTransaction,

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from bson.errors import InvalidBSON
-from pymongo import ASCENDING
 from pymongo.collection import Collection
 from pymongo.database import Database
 
-from ._event import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED
-from ._event import utcnow as _utcnow
+from ._document import STATUS_DEAD, STATUS_PENDING
+from ._mongo_errors import outbox_missing
 from ._partition import Partition
-from ._store import lenient, state_collection_name
+from ._store import count_by_status, lenient, oldest_pending, state_collection_name
+from ._times import utcnow as _utcnow
+from .relay._lease import LIVE_LEASE
 
 __all__ = [
-    "LIVE_LEASE",
     "FailingPending",
     "FailingReason",
     "GroupInfo",
@@ -26,30 +26,9 @@ __all__ = [
     "OutboxAdmin",
     "PartitionInfo",
     "RelayInfo",
-    "shared_outbox_warning",
 ]
 
 _T = TypeVar("_T")
-
-#: Aggregation expression, true for a relay state document whose lease is held now: a string
-#: owner and a date expiry later than the server's clock. Anything else holds nothing.
-LIVE_LEASE: dict[str, Any] = {
-    "$and": [
-        {"$eq": [{"$type": "$lease_owner"}, "string"]},
-        {"$eq": [{"$type": "$lease_expires_at"}, "date"]},
-        {"$gt": ["$lease_expires_at", "$$NOW"]},
-    ]
-}
-
-
-def shared_outbox_warning(names: Sequence[str], outbox: str) -> str:
-    """The warning about several relay names publishing from one outbox."""
-    listed = f"{', '.join(names[:-1])} and {names[-1]}"
-    verb = "both publish" if len(names) == 2 else "all publish"
-    return (
-        f"relay names {listed} {verb} from outbox {outbox}: every event is published by each; "
-        "give them the same --name (one active, others standby)"
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,22 +122,15 @@ class OutboxAdmin:
 
     def exists(self) -> bool:
         """Whether the outbox collection exists (asking creates nothing)."""
-        names = self.db.list_collection_names(filter={"name": self.outbox.name})
-        return self.outbox.name in names
+        return outbox_missing(self.outbox) is None
 
     def counts(self) -> dict[str, int]:
         """Number of events per status."""
-        result = {STATUS_PENDING: 0, STATUS_PUBLISHED: 0, STATUS_DEAD: 0}
-        for row in self.outbox.aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}]):
-            result[str(row["_id"])] = int(row["n"])
-        return result
+        return count_by_status(self.outbox)
 
     def oldest_pending(self) -> dict[str, Any] | None:
         """The first pending event in ``_id`` order, if any."""
-        doc: dict[str, Any] | None = self.outbox.find_one(
-            {"status": STATUS_PENDING}, {"created_at": 1}, sort=[("_id", ASCENDING)]
-        )
-        return doc
+        return oldest_pending(self.outbox)
 
     def newest_errors(self, limit: int = 5) -> list[dict[str, Any]]:
         """The most recent dead events with their reasons."""

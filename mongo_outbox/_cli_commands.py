@@ -13,29 +13,31 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, fields
-from types import FrameType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any, Literal
 
 from bson import ObjectId
 from bson.errors import InvalidId
 from pymongo import MongoClient
 from pymongo.errors import ConfigurationError as MongoConfigurationError
-from pymongo.errors import ConnectionFailure, OperationFailure
 
-from ._admin import GroupInfo, OutboxAdmin, RelayInfo, shared_outbox_warning
-from ._errors import REPLICA_SET_FIX, ConfigurationError, ConnectError, LeaseLostError
-from ._event import age_of, check_topic, format_timestamp
+from ._admin import GroupInfo, OutboxAdmin, RelayInfo
+from ._errors import ConfigurationError, LeaseLostError
+from ._limits import check_topic
 from ._malloc import fix_mmap_threshold
+from ._mongo_errors import check_replica_set, require_outbox
 from ._oplog import headroom, read_oplog_window, token_time
 from ._redact import Redactor, redact_uri, unescaped_hint
 from ._retention import parse_duration, retention_of
+from ._signals import stop_on_signals
 from ._store import OutboxStore, ensure_indexes
+from ._times import age_of, format_timestamp
+from .relay._lease import shared_outbox_warning
 
 Args = SimpleNamespace  # a command's settings, one attribute per option
 
@@ -77,28 +79,17 @@ def connect(args: Args) -> MongoClient[Any]:
             f"invalid MongoDB URI {safe}: {scrub(str(exc))}{unescaped_hint(uri)}"
         ) from exc
     try:
-        hello = client.admin.command("hello")
-    except ConnectionFailure as exc:
+        check_replica_set(client, safe, scrub)
+    except BaseException:
         client.close()
-        first = scrub(str(exc)).split(" (configured timeouts")[0][:300]
-        raise ConnectError(f"cannot connect to MongoDB at {safe}: {first}") from exc
-    except OperationFailure as exc:
-        client.close()
-        raise ConfigurationError(f"MongoDB at {safe} refused us: {scrub(str(exc))}") from exc
-    if "setName" not in hello and hello.get("msg") != "isdbgrid":
-        client.close()
-        raise ConfigurationError(f"MongoDB at {safe} is a standalone server; {REPLICA_SET_FIX}")
+        raise
     return client
 
 
 def _existing_outbox(client: MongoClient[Any], args: Args) -> OutboxAdmin:
     """The admin of the outbox collection, which must exist: a typo creates nothing."""
     admin = OutboxAdmin(client[args.database], args.collection)
-    if not admin.exists():
-        raise ConfigurationError(
-            f"no outbox collection {admin.name}: check --database/--collection, "
-            "or run `mongo-outbox init`"
-        )
+    require_outbox(admin.outbox)
     return admin
 
 
@@ -439,12 +430,8 @@ def relay(args: Args) -> int:
     except ValueError as exc:
         raise ConfigurationError(f"bad relay setting: {exc}") from exc
     fix_mmap_threshold()  # memory bounded by the byte budgets, also with many threads
-    stop = threading.Event()
     with contextlib.ExitStack() as closing:  # closes the HTTP side, the publisher, the client
-        if not args.once:
-            # Never put back: a second signal must exit at once even while the process ends
-            # (threads may still wait for a broker then).
-            _stop_on_signals(stop)
+        stop = threading.Event() if args.once else closing.enter_context(stop_on_signals())
         client = closing.enter_context(connect(args))
         publisher = PubSubPublisher(args.project, create_topics=args.create_topics)
         closing.callback(publisher.close)
@@ -507,7 +494,6 @@ def replay(args: Args) -> int:
     if not args.project and not args.dry_run:
         raise ConfigurationError(NO_PROJECT)
     progress = _progress() if sys.stderr.isatty() else None
-    stop = threading.Event()
     with contextlib.ExitStack() as closing:
         client = closing.enter_context(connect(args))
         # A dry run only counts: no publisher, so no Google credentials needed.
@@ -531,7 +517,7 @@ def replay(args: Args) -> int:
             print(f"would replay {total}" + (f": {per_topic}" if per_topic else ""))
             return EXIT_OK
         started = time.monotonic()
-        closing.callback(_stop_on_signals(stop))  # put back after: replay may run in-process
+        stop = closing.enter_context(stop_on_signals())
         result = run.run(stop)
     if progress is not None:
         sys.stderr.write("\n")
@@ -554,31 +540,6 @@ def _progress() -> Callable[[int, int], None]:
         sys.stderr.flush()
 
     return show
-
-
-def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
-    """SIGTERM/SIGINT set ``stop`` (a second one exits at once); return what puts the previous
-    handlers back."""
-    received: list[int] = []
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
-        if len(received) > 1:
-            # Second signal: leave now; at-least-once delivery tolerates the lost batch.
-            os._exit(EXIT_UNEXPECTED)
-        log.info("%s received: finishing the batch, then exiting", signal.Signals(signum).name)
-        # Not stop.set() here: the main thread may hold the event's lock at this very moment.
-        threading.Thread(target=stop.set, name="outbox-stop").start()
-
-    previous = [(s, signal.getsignal(s)) for s in (signal.SIGTERM, signal.SIGINT)]
-    for signum, _ in previous:
-        signal.signal(signum, handler)
-
-    def restore() -> None:
-        for signum, old in previous:
-            signal.signal(signum, old)
-
-    return restore
 
 
 def demo(args: Args) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 from pymongo import MongoClient
 
 from ._admin import OutboxAdmin
-from ._event import Message
+from ._message import Message
 from ._store import ensure_indexes
 from ._transaction import outbox_transaction
 from .publishers import InMemoryPublisher, Publisher, PubSubPublisher

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pymongo import MongoClient
-from pymongo.errors import CollectionInvalid, DuplicateKeyError, OperationFailure
+from pymongo.errors import DuplicateKeyError
 from pymongo.write_concern import WriteConcern
 
 from ._errors import ConfigurationError
-from ._event import ATTR_EVENT_ID, ATTR_EVENT_TYPE, utcnow
-from ._formats import CE_TYPE
+from ._formats import ATTR_EVENT_ID, ATTR_EVENT_TYPE, CE_TYPE
+from ._mongo_errors import create_collection
 from ._retention import set_retention
+from ._times import utcnow
 from ._transaction import (
     OutboxTransaction,
     _database_name,
@@ -293,13 +294,7 @@ class Inbox:
             )
         sync: MongoClient[Any] = self.client
         db = sync[self.database]
-        try:
-            db.create_collection(self.collection)
-        except CollectionInvalid:
-            pass
-        except OperationFailure as exc:
-            if exc.code != 48:  # NamespaceExists
-                raise
+        create_collection(db, self.collection)
         if retention is not None:
             set_retention(db[self.collection], "processed_at", retention)
 

@@ -17,6 +17,8 @@ from bson import Timestamp
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
+from ._mongo_errors import is_auth_failure
+
 __all__ = ["OplogWindow", "headroom", "read_oplog_window", "token_time"]
 
 
@@ -43,7 +45,7 @@ def read_oplog_window(client: MongoClient[Any]) -> OplogWindow:
         first = oplog.find_one({}, {"ts": 1}, sort=[("$natural", 1)])
         last = oplog.find_one({}, {"ts": 1}, sort=[("$natural", -1)])
     except OperationFailure as exc:
-        if exc.code in (13, 18):
+        if is_auth_failure(exc):
             return OplogWindow(unavailable="no privilege to read local.oplog.rs")
         return OplogWindow(unavailable=f"local.oplog.rs cannot be read here: {exc.code}")
     except PyMongoError as exc:

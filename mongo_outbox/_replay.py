@@ -20,13 +20,14 @@ from bson import ObjectId
 from bson.raw_bson import RawBSONDocument
 from pymongo.collection import Collection
 
+from ._document import STATUS_PUBLISHED, Poison, decode_document
 from ._errors import ConfigurationError, PoisonEventError, PublishError, TransientPublishError
-from ._event import STATUS_PUBLISHED, Message, check_topic, message_from_document
 from ._formats import MessageFormat
+from ._limits import check_topic
+from ._message import Message, message_from_document
 from ._retention import parse_duration
 from ._store import RAW, raw_batches
 from .publishers import Publisher
-from .relay._decode import Poison, decode_document
 
 __all__ = ["Replay", "ReplayResult", "ReplaySelection", "parse_time"]
 

@@ -10,8 +10,8 @@ from pymongo import ASCENDING
 from pymongo.collection import Collection
 from pymongo.errors import OperationFailure
 
+from ._document import STATUS_PUBLISHED
 from ._errors import ConfigurationError
-from ._event import STATUS_PUBLISHED
 
 __all__ = [
     "INBOX_TTL_INDEX",

@@ -16,11 +16,12 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import ASCENDING, MongoClient, ReadPreference, UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import CollectionInvalid, OperationFailure
+from pymongo.errors import OperationFailure
 from pymongo.read_concern import ReadConcern
 
+from ._document import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED
 from ._errors import ConfigurationError
-from ._event import STATUS_DEAD, STATUS_PENDING, STATUS_PUBLISHED
+from ._mongo_errors import create_collection
 from ._partition import Partition, slot_for
 from ._retention import set_retention
 
@@ -30,9 +31,11 @@ __all__ = [
     "Failure",
     "OutboxStore",
     "assign_missing_slots",
+    "count_by_status",
     "ensure_indexes",
     "find_one_lenient",
     "lenient",
+    "oldest_pending",
     "raw_batches",
     "state_collection_name",
     "sweep_position",
@@ -92,13 +95,7 @@ def ensure_indexes(
     """
     db = client if isinstance(client, Database) else client[_require(database)]
     for name in (collection, state_collection_name(collection)):
-        try:
-            db.create_collection(name)
-        except CollectionInvalid:
-            pass
-        except OperationFailure as exc:
-            if exc.code != 48:  # NamespaceExists
-                raise
+        create_collection(db, name)
     db[collection].create_index([("status", ASCENDING), ("_id", ASCENDING)], name=PENDING_INDEX)
     if partitions > 1:
         ensure_slot_index(db[collection])  # first: it serves the search for slotless events
@@ -108,6 +105,22 @@ def ensure_indexes(
         set_retention(db[collection], "published_at", ttl)
         if inbox in db.list_collection_names(filter={"name": inbox}):
             set_retention(db[inbox], "processed_at", ttl)
+
+
+def count_by_status(
+    outbox: Collection[Any],
+    statuses: Iterable[str] = (STATUS_PENDING, STATUS_PUBLISHED, STATUS_DEAD),
+) -> dict[str, int]:
+    """Number of events in each of ``statuses`` (counted on the status index)."""
+    return {status: outbox.count_documents({"status": status}) for status in statuses}
+
+
+def oldest_pending(outbox: Collection[Any]) -> dict[str, Any] | None:
+    """The first pending event in ``_id`` order (its ``created_at`` only), if any."""
+    doc: dict[str, Any] | None = outbox.find_one(
+        {"status": STATUS_PENDING}, {"created_at": 1}, sort=[("_id", ASCENDING)]
+    )
+    return doc
 
 
 def assign_missing_slots(outbox: Collection[Any], batch: int = 1000) -> int:

@@ -1,7 +1,7 @@
 """OpenTelemetry, when installed: the trace context stored at emit, and Publish request spans.
 
 This is the only module that imports ``opentelemetry``; without it every function here does
-nothing. The attributes that carry a context on a message are defined in ``_event``.
+nothing. The attributes that carry a context on a message are defined in ``_trace_context``.
 """
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._event import ATTR_TRACEPARENT, ATTR_TRACESTATE, MAX_TRACESTATE_BYTES, is_traceparent
+from ._trace_context import ATTR_TRACEPARENT, ATTR_TRACESTATE, MAX_TRACESTATE_BYTES, is_traceparent
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Link, Tracer, TracerProvider
 
     from ._errors import PublishError
-    from ._event import Message
+    from ._message import Message
 
 try:
     from opentelemetry import trace as _otel

@@ -17,8 +17,10 @@ from pymongo import AsyncMongoClient, MongoClient
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 from pymongo.write_concern import WriteConcern
 
-from ._errors import REPLICA_SET_FIX, ConfigurationError, OutboxError
-from ._event import build_document, resolve_event
+from ._document import build_document
+from ._errors import ConfigurationError, OutboxError
+from ._event_spec import resolve_event
+from ._mongo_errors import MAX_TIME_EXPIRED, raise_if_standalone, raise_mapped
 from ._tracing import current_trace
 
 if TYPE_CHECKING:
@@ -37,8 +39,6 @@ T = TypeVar("T")
 # PyMongo's with_transaction gives up retrying after 120 seconds; the commit retry here does too.
 _COMMIT_RETRY_SECONDS = 120.0
 _UNKNOWN_COMMIT = "UnknownTransactionCommitResult"
-_MAX_TIME_EXPIRED = 50
-_ILLEGAL_OPERATION = 20
 _DEFAULT_WRITE_CONCERN = WriteConcern("majority")
 
 
@@ -66,24 +66,12 @@ def _database_name(client: Any, database: str | None) -> str:
         ) from exc
 
 
-def _raise_if_standalone(exc: BaseException | None) -> None:
-    """Raise a ConfigurationError naming the fix when ``exc`` says the server is standalone."""
-    if (
-        isinstance(exc, OperationFailure)
-        and exc.code == _ILLEGAL_OPERATION
-        and "Transaction numbers" in str(exc)
-    ):
-        raise ConfigurationError(
-            f"outbox transactions cannot run on a standalone MongoDB server; {REPLICA_SET_FIX}"
-        ) from exc
-
-
 def _commit_should_retry(exc: PyMongoError, started: float) -> bool:
     if time.monotonic() - started >= _COMMIT_RETRY_SECONDS:
         return False
     if not exc.has_error_label(_UNKNOWN_COMMIT):
         return False
-    return not (isinstance(exc, OperationFailure) and exc.code == _MAX_TIME_EXPIRED)
+    return not (isinstance(exc, OperationFailure) and exc.code == MAX_TIME_EXPIRED)
 
 
 def _document(event: Any, payload: Any, topic: Any, key: Any, attributes: Any) -> dict[str, Any]:
@@ -269,14 +257,14 @@ class OutboxTransaction(_TransactionBase):
             if exc_type is not None:
                 if session.in_transaction:
                     session.abort_transaction()
-                _raise_if_standalone(exc)
+                raise_if_standalone(exc)
                 return
             try:
                 self._flush()
             except BaseException as err:
                 if session.in_transaction:
                     session.abort_transaction()
-                _raise_if_standalone(err)
+                raise_mapped(err, "write the outbox")
                 raise
             if not session.in_transaction:
                 return  # ended inside the block, with no events: nothing left to commit
@@ -287,6 +275,7 @@ class OutboxTransaction(_TransactionBase):
                     return
                 except (ConnectionFailure, OperationFailure) as err:
                     if not _commit_should_retry(err, started):
+                        raise_mapped(err, "commit")
                         raise
         finally:
             self._end()
@@ -345,14 +334,14 @@ class AsyncOutboxTransaction(_TransactionBase):
             if exc_type is not None:
                 if session.in_transaction:
                     await session.abort_transaction()
-                _raise_if_standalone(exc)
+                raise_if_standalone(exc)
                 return
             try:
                 await self._flush()
             except BaseException as err:
                 if session.in_transaction:
                     await session.abort_transaction()
-                _raise_if_standalone(err)
+                raise_mapped(err, "write the outbox")
                 raise
             if not session.in_transaction:
                 return  # ended inside the block, with no events: nothing left to commit
@@ -363,6 +352,7 @@ class AsyncOutboxTransaction(_TransactionBase):
                     return
                 except (ConnectionFailure, OperationFailure) as err:
                     if not _commit_should_retry(err, started):
+                        raise_mapped(err, "commit")
                         raise
         finally:
             self._end()
@@ -462,7 +452,7 @@ def run_in_outbox_transaction(
         try:
             return session.with_transaction(callback, write_concern=wc)
         except OperationFailure as exc:
-            _raise_if_standalone(exc)
+            raise_if_standalone(exc)
             raise
 
 
@@ -490,7 +480,7 @@ async def _run_async(
         try:
             return await session.with_transaction(callback, write_concern=wc)
         except OperationFailure as exc:
-            _raise_if_standalone(exc)
+            raise_if_standalone(exc)
             raise
     finally:
         await _maybe_await(session.end_session())

@@ -29,6 +29,7 @@ from ._errors import ConfigurationError, ConnectError
 from ._formats import FORMATS
 from ._logging import LOG_FORMATS, cli_logging
 from ._redact import Redactor, redact_uri
+from ._signals import own_process
 
 __all__ = ["main", "parse_args", "redact_uri"]
 
@@ -434,8 +435,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
     return parsed
 
 
+def console() -> NoReturn:
+    """Entry point of the ``mongo-outbox`` console script and ``python -m mongo_outbox.cli``:
+    the process is ours, so the relay's signal handlers stay installed until it exits."""
+    own_process()
+    sys.exit(main())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mongo-outbox`` console script; returns the exit code."""
+    """Run one command as the console script would and return its exit code; called in-process,
+    it leaves the caller's signal handlers as they were."""
     args = _parse(argv)
     if isinstance(args, int):
         return args
@@ -473,4 +482,4 @@ def _run_command(args: Args, fail: Callable[..., NoReturn]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

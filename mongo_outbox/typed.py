@@ -34,18 +34,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ._errors import ConfigurationError, OutboxError
-from ._event import (
+from ._event_spec import EVENT_SPEC, EventSpec
+from ._formats import (
     ATTR_CREATED_AT,
     ATTR_EVENT_ID,
     ATTR_EVENT_TYPE,
-    ATTR_TRACEPARENT,
-    ATTR_TRACESTATE,
-    EVENT_SPEC,
-    EventSpec,
-    _check_type,
-    check_topic,
-)
-from ._formats import (
     CE_ID,
     CE_SOURCE,
     CE_SPECVERSION,
@@ -56,6 +49,8 @@ from ._formats import (
     JSON,
     check_source,
 )
+from ._limits import _check_type, check_topic
+from ._trace_context import ATTR_TRACEPARENT, ATTR_TRACESTATE
 
 __all__ = [
     "Handlers",

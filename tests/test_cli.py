@@ -12,21 +12,23 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
 import pytest
-from helpers import free_port, run_cli
+from helpers import free_port, run_cli, wait_for
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
 from mongo_outbox import ConfigurationError, ConnectError, _cli_commands, cli
-from mongo_outbox import _event as ev
+from mongo_outbox._document import build_document
 from mongo_outbox._retention import INBOX_TTL_INDEX, OUTBOX_TTL_INDEX
 from mongo_outbox._store import PENDING_INDEX, SLOT_INDEX, OutboxStore, state_collection_name
 from mongo_outbox.cli import main, parse_args
@@ -547,7 +549,7 @@ def test_standalone_server_is_left_untouched(standalone_uri, capsys):
 
 def _seed(client: MongoClient, database: str) -> dict[str, list]:
     """Two pending, one published and one dead event in ``database.outbox``."""
-    docs = [ev.build_document("OrderCreated", {"n": n}, key=f"order-{n}") for n in range(4)]
+    docs = [build_document("OrderCreated", {"n": n}, key=f"order-{n}") for n in range(4)]
     docs[2]["status"] = "published"
     docs[3].update(status="dead", attempts=10, last_error="topic refused")
     client[database].outbox.insert_many(docs)
@@ -693,7 +695,7 @@ def test_checkpoint_reset(mongodb_uri, outbox_database, mongo_client, capsys):
 
 def _dead_docs(client: MongoClient, database: str) -> list:
     """Dead events whose ``_id`` is a string, an int and an ObjectId (a poison doc may be any)."""
-    docs = [ev.build_document("OrderCreated", {"n": n}, key=f"order-{n}") for n in range(3)]
+    docs = [build_document("OrderCreated", {"n": n}, key=f"order-{n}") for n in range(3)]
     for doc, _id in zip(docs, ["abc", 42, docs[2]["_id"]], strict=True):
         doc.update(_id=_id, status="dead", attempts=10, last_error=f"refused {_id}")
     client[database].outbox.insert_many(docs)
@@ -730,7 +732,7 @@ def test_requeue_by_id_of_any_type(mongodb_uri, outbox_database, mongo_client, c
 
 def test_requeue_matches_a_hex_id_stored_as_a_string(mongodb_uri, outbox_database, mongo_client):
     hex_id = "0123456789abcdef01234567"
-    doc = ev.build_document("E", b"x")
+    doc = build_document("E", b"x")
     doc.update(_id=hex_id, status="dead")
     mongo_client[outbox_database].outbox.insert_one(doc)
     result = _run(
@@ -946,7 +948,7 @@ def test_relay_accepts_log_level_after_the_subcommand_as_a_process(closed_port):
 
 def _failing(client: MongoClient, database: str) -> list:
     """Three pending events that failed (two for one reason), one that never did."""
-    docs = [ev.build_document("OrderCreated", {"n": n}, key=f"order-{n}") for n in range(4)]
+    docs = [build_document("OrderCreated", {"n": n}, key=f"order-{n}") for n in range(4)]
     soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=30)
     docs[0].update(attempts=2, last_error="topic orders does not exist", next_attempt_at=soon)
     docs[1].update(attempts=1, last_error="topic orders does not exist", next_attempt_at=soon)
@@ -978,7 +980,7 @@ def test_status_shows_pending_events_that_failed(mongodb_uri, db_name, client, c
 def test_status_lists_the_top_failing_reasons_and_counts_the_rest(
     mongodb_uri, db_name, client, capsys
 ):
-    docs = [ev.build_document("E", {"n": n}, key=f"k{n}") for n in range(12)]
+    docs = [build_document("E", {"n": n}, key=f"k{n}") for n in range(12)]
     for n, doc in enumerate(docs):
         doc.update(attempts=1, last_error=f"reason {n}")
     client[db_name].outbox.insert_many(docs)
@@ -1017,7 +1019,7 @@ def test_status_json_datetimes_are_iso_8601(mongodb_uri, db_name, client, capsys
 
 
 def test_status_check_passes_on_a_healthy_outbox(mongodb_uri, db_name, client, capsys):
-    client[db_name].outbox.insert_one(ev.build_document("E", b"x"))  # fresh and pending
+    client[db_name].outbox.insert_one(build_document("E", b"x"))  # fresh and pending
     base = ["status", "--mongo-uri", mongodb_uri, "--database", db_name]
     code, out, err = run_cli([*base, "--check", "--max-lag", "300"], capsys)
     assert code == 0, err
@@ -1044,7 +1046,7 @@ def test_status_check_fails_on_dead_events(mongodb_uri, db_name, client, capsys)
 
 
 def test_status_check_fails_on_lag(mongodb_uri, db_name, client, capsys):
-    doc = ev.build_document("E", b"x")
+    doc = build_document("E", b"x")
     doc["created_at"] = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=10)
     client[db_name].outbox.insert_one(doc)
     base = ["status", "--mongo-uri", mongodb_uri, "--database", db_name]
@@ -1085,7 +1087,7 @@ def test_status_of_a_missing_outbox_says_so_and_creates_nothing(
 
 def test_dead_lists_dead_events_with_reasons(mongodb_uri, db_name, client, capsys):
     ids = _dead_docs(client, db_name)
-    client[db_name].outbox.insert_one(ev.build_document("Alive", b"x"))
+    client[db_name].outbox.insert_one(build_document("Alive", b"x"))
     base = ["dead", "--mongo-uri", mongodb_uri, "--database", db_name]
     code, out, err = run_cli(base, capsys)
     assert code == 0, err
@@ -1319,3 +1321,68 @@ def test_asyncapi_as_the_console_script_imports_from_the_current_directory(tmp_p
     )
     assert result.returncode == 0, result.stderr
     assert "address: payments" in result.stdout
+
+
+# -- signal handlers belong to the process ---------------------------------------------------
+
+
+@pytest.mark.parametrize("once", [True, False], ids=["once", "stopped"])
+def test_in_process_relay_leaves_the_callers_signal_handlers(
+    once, mongodb_uri, db_name, pubsub, capsys
+):
+    caught: list[int] = []
+
+    def callers(signum: int, frame: object) -> None:
+        caught.append(signum)
+
+    argv = ["relay", "--mongo-uri", mongodb_uri, "--database", db_name]
+    argv += ["--project", pubsub.project, "--default-topic", pubsub.topic()[0]]
+    before = {s: signal.signal(s, callers) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if once:
+            code, _, _ = run_cli([*argv, "--once"], capsys)
+        else:
+            # The relay's own handler is in place while it runs: its SIGINT stops it.
+            def interrupt() -> None:
+                wait_for(lambda: signal.getsignal(signal.SIGINT) is not callers)
+                os.kill(os.getpid(), signal.SIGINT)
+
+            threading.Thread(target=interrupt, daemon=True).start()
+            code, _, _ = run_cli(argv, capsys)
+        assert code == 0
+        assert signal.getsignal(signal.SIGINT) is callers
+        assert signal.getsignal(signal.SIGTERM) is callers
+        assert caught == []
+        os.kill(os.getpid(), signal.SIGINT)
+        wait_for(lambda: caught == [signal.SIGINT])
+    finally:
+        for signum, old in before.items():
+            signal.signal(signum, old)
+
+
+def test_a_second_signal_reaches_the_callers_handler_in_process(
+    mongodb_uri, db_name, pubsub, capsys, caplog
+):
+    caught: list[int] = []
+
+    def callers(signum: int, frame: object) -> None:
+        caught.append(signum)
+
+    argv = ["relay", "--mongo-uri", mongodb_uri, "--database", db_name]
+    argv += ["--project", pubsub.project, "--default-topic", pubsub.topic()[0]]
+    before = signal.signal(signal.SIGTERM, callers)
+
+    def interrupt_twice() -> None:
+        wait_for(lambda: signal.getsignal(signal.SIGTERM) is not callers)
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_for(lambda: "SIGTERM received" in caplog.text)  # else the two may merge into one
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        threading.Thread(target=interrupt_twice, daemon=True).start()
+        code, _, _ = run_cli(argv, capsys)  # not os._exit: this process is the caller's
+        assert code == 0
+        wait_for(lambda: caught == [signal.SIGTERM])
+        assert signal.getsignal(signal.SIGTERM) is callers
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -14,9 +14,12 @@ from bson import ObjectId
 from cloudevents.core.bindings.http import HTTPMessage, from_binary_event
 
 from mongo_outbox import ConfigurationError, ValidationError, outbox_transaction
-from mongo_outbox import _event as ev
 from mongo_outbox._admin import OutboxAdmin
-from mongo_outbox._formats import MessageFormat, default_source
+from mongo_outbox._document import build_document
+from mongo_outbox._errors import PoisonEventError
+from mongo_outbox._formats import OUTBOX, MessageFormat, default_source
+from mongo_outbox._limits import MAX_ATTRIBUTES, MAX_MESSAGE_BYTES, RESERVED_OVERHEAD
+from mongo_outbox._message import message_from_document
 from mongo_outbox.relay import RelayConfig
 
 
@@ -80,7 +83,7 @@ def test_cloudevents_source_is_configurable(client, db_name, pubsub, relay_facto
 
 
 def test_the_default_format_is_unchanged_byte_for_byte():
-    doc = ev.build_document(
+    doc = build_document(
         "OrderCreated",
         {"id": 7},
         topic="orders",
@@ -89,7 +92,7 @@ def test_the_default_format_is_unchanged_byte_for_byte():
         event_id=ObjectId("65f000000000000000000001"),
         created_at=dt.datetime(2026, 11, 28, 1, 2, 3, 456000, tzinfo=dt.timezone.utc),
     )
-    message = ev.message_from_document(doc)
+    message = message_from_document(doc)
     assert message.data == b'{"id":7}'
     assert message.ordering_key == "order-7"
     assert list(message.attributes.items()) == [
@@ -98,18 +101,18 @@ def test_the_default_format_is_unchanged_byte_for_byte():
         ("outbox_event_type", "OrderCreated"),
         ("outbox_created_at", "2026-11-28T01:02:03.456Z"),
     ]
-    assert RelayConfig(database="d").format is ev.OUTBOX
+    assert RelayConfig(database="d").format is OUTBOX
 
 
 def test_cloudevents_attributes_of_a_document():
-    doc = ev.build_document(
+    doc = build_document(
         "OrderCreated",
         "hi",
         topic="orders",
         event_id=ObjectId("65f000000000000000000001"),
         created_at=dt.datetime(2026, 11, 28, 1, 2, 3, 456000, tzinfo=dt.timezone.utc),
     )
-    message = ev.message_from_document(doc, fmt=MessageFormat("urn:shop", replay=True))
+    message = message_from_document(doc, fmt=MessageFormat("urn:shop", replay=True))
     assert dict(message.attributes) == {
         "outbox_event_id": "65f000000000000000000001",
         "ce-specversion": "1.0",
@@ -125,37 +128,37 @@ def test_cloudevents_attributes_of_a_document():
 @pytest.mark.parametrize("name", ["ce-subject", "CE-Foo", "content-type", "Content-Type"])
 def test_cloudevents_attribute_names_are_refused_at_emit(name):
     with pytest.raises(ValidationError, match="reserved by the CloudEvents format"):
-        ev.build_document("T", b"", attributes={name: "x"})
+        build_document("T", b"", attributes={name: "x"})
 
 
 def test_emit_leaves_room_for_the_wider_format_and_a_replay_mark():
-    ev.build_document("T", b"", attributes={f"a{i}": "v" for i in range(90)})
+    build_document("T", b"", attributes={f"a{i}": "v" for i in range(90)})
     with pytest.raises(ValidationError, match=r"91 attributes given.*at most 90"):
-        ev.build_document("T", b"", attributes={f"a{i}": "v" for i in range(91)})
+        build_document("T", b"", attributes={f"a{i}": "v" for i in range(91)})
     # Data that fits the outbox format but not the CloudEvents one with the longest source.
-    room = ev.MAX_MESSAGE_BYTES - ev.MessageFormat().overhead - 1
+    room = MAX_MESSAGE_BYTES - MessageFormat().overhead - 1
     with pytest.raises(ValidationError, match="store the body elsewhere"):
-        ev.build_document("T", b"x" * room)
-    fits = ev.MAX_MESSAGE_BYTES - ev._RESERVED_OVERHEAD - 1
-    doc = ev.build_document("T", b"x" * fits)
-    for fmt in (ev.OUTBOX, MessageFormat("s" * 1024, replay=True)):
-        message = ev.message_from_document(doc, "t", fmt)
+        build_document("T", b"x" * room)
+    fits = MAX_MESSAGE_BYTES - RESERVED_OVERHEAD - 1
+    doc = build_document("T", b"x" * fits)
+    for fmt in (OUTBOX, MessageFormat("s" * 1024, replay=True)):
+        message = message_from_document(doc, "t", fmt)
         used = len(message.data) + sum(len(k) + len(v) for k, v in message.attributes.items())
-        assert used <= ev.MAX_MESSAGE_BYTES
-        assert len(message.attributes) <= ev.MAX_ATTRIBUTES
+        assert used <= MAX_MESSAGE_BYTES
+        assert len(message.attributes) <= MAX_ATTRIBUTES
 
 
 def test_a_document_with_cloudevents_names_is_poison_only_in_that_format():
-    topic_doc = ev.build_document("T", b"x", topic="orders")
+    topic_doc = build_document("T", b"x", topic="orders")
     topic_doc["attributes"] = {"ce-subject": "written before the rule"}
-    assert ev.message_from_document(topic_doc).attributes["ce-subject"] == "written before the rule"
-    with pytest.raises(ev.PoisonEventError, match="reserved by the CloudEvents format"):
-        ev.message_from_document(topic_doc, fmt=MessageFormat("urn:x"))
+    assert message_from_document(topic_doc).attributes["ce-subject"] == "written before the rule"
+    with pytest.raises(PoisonEventError, match="reserved by the CloudEvents format"):
+        message_from_document(topic_doc, fmt=MessageFormat("urn:x"))
 
 
 def test_the_relay_sets_such_a_document_dead_and_goes_on(client, db_name, pubsub, relay_factory):
     topic, sub = pubsub.topic()
-    bad = ev.build_document("T", b"x", topic=topic, key="k")
+    bad = build_document("T", b"x", topic=topic, key="k")
     bad["attributes"] = {"ce-subject": "by hand"}
     client[db_name].outbox.insert_one(bad)
     with outbox_transaction(client, database=db_name) as tx:

@@ -1,4 +1,4 @@
-"""Unit tests of event encoding and validation (``mongo_outbox._event``); no I/O."""
+"""Unit tests of events: payload encoding, Pub/Sub limits, outbox documents, messages; no I/O."""
 
 from __future__ import annotations
 
@@ -10,16 +10,31 @@ import uuid
 
 import pytest
 from bson import Decimal128, ObjectId
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mongo_outbox
 from mongo_outbox import PoisonEventError, ValidationError
-from mongo_outbox import _event as ev
-from mongo_outbox._formats import MessageFormat
+from mongo_outbox._document import STATUS_PENDING, attempts_of, build_document
+from mongo_outbox._formats import OUTBOX, MessageFormat
+from mongo_outbox._limits import (
+    MAX_ATTRIBUTES,
+    MAX_MESSAGE_BYTES,
+    RESERVED_ATTRIBUTES,
+    RESERVED_OVERHEAD,
+    check_event,
+    check_event_in_full,
+    check_topic,
+)
+from mongo_outbox._message import Message, message_from_document
+from mongo_outbox._payload import encode_payload
+from mongo_outbox._times import format_timestamp
+from mongo_outbox._trace_context import MAX_TRACESTATE_BYTES
 
 UTC = dt.timezone.utc
 
 
-def _size(message: ev.Message) -> int:
+def _size(message: Message) -> int:
     """Pub/Sub size of a message as the library counts it: data, attributes, ordering key."""
     size = len(message.data)
     size += sum(len(k.encode()) + len(v.encode()) for k, v in message.attributes.items())
@@ -31,11 +46,11 @@ def _size(message: ev.Message) -> int:
 # The longest trace context a document can carry: what the size rule reserves room for.
 _MAX_TRACESTATE = ",".join([f"v{i:02d}=" + "x" * 120 for i in range(4)] + ["v04=" + "x" * 8])
 _MAX_TRACE = {"traceparent": f"00-{'1' * 32}-{'2' * 16}-01", "tracestate": _MAX_TRACESTATE}
-assert len(_MAX_TRACESTATE) == ev.MAX_TRACESTATE_BYTES
+assert len(_MAX_TRACESTATE) == MAX_TRACESTATE_BYTES
 
 
 def _doc(**overrides):
-    doc = ev.build_document(
+    doc = build_document(
         "OrderCreated",
         {"id": 7},
         topic="orders",
@@ -51,16 +66,16 @@ def _doc(**overrides):
 
 
 def test_dict_payload_is_compact_utf8_json():
-    data = ev.encode_payload({"id": 7, "items": [1, 2], "nested": {"a": None, "b": True}})
+    data = encode_payload({"id": 7, "items": [1, 2], "nested": {"a": None, "b": True}})
     assert data == b'{"id":7,"items":[1,2],"nested":{"a":null,"b":true}}'
 
 
 def test_encode_payload_is_public():
-    assert mongo_outbox.encode_payload is ev.encode_payload
+    assert mongo_outbox.encode_payload is encode_payload
 
 
 def test_non_ascii_is_kept_as_utf8_not_escaped():
-    data = ev.encode_payload({"name": "Zoë 東京 ✓"})
+    data = encode_payload({"name": "Zoë 東京 ✓"})
     assert b"\\u" not in data
     assert data == '{"name":"Zoë 東京 ✓"}'.encode()
     assert json.loads(data.decode("utf-8")) == {"name": "Zoë 東京 ✓"}
@@ -84,7 +99,7 @@ def test_bson_and_python_types_are_rendered():
         "set": {3},
         "tuple": (1, "a"),
     }
-    decoded = json.loads(ev.encode_payload(payload))
+    decoded = json.loads(encode_payload(payload))
     assert decoded == {
         "oid": "65f000000000000000000001",
         "naive": "2024-01-02T03:04:05.123Z",
@@ -102,14 +117,14 @@ def test_bson_and_python_types_are_rendered():
 
 def test_bytes_payload_passes_as_is():
     raw = b"\x00\x01\xfe\xff not json"
-    assert ev.encode_payload(raw) == raw
-    assert ev.encode_payload(bytearray(b"ab")) == b"ab"
-    assert ev.encode_payload(memoryview(b"cd")) == b"cd"
+    assert encode_payload(raw) == raw
+    assert encode_payload(bytearray(b"ab")) == b"ab"
+    assert encode_payload(memoryview(b"cd")) == b"cd"
 
 
 def test_str_payload_is_utf8():
-    assert ev.encode_payload("héllo ✓") == "héllo ✓".encode()
-    assert ev.encode_payload("") == b""
+    assert encode_payload("héllo ✓") == "héllo ✓".encode()
+    assert encode_payload("") == b""
 
 
 @pytest.mark.parametrize(
@@ -125,7 +140,7 @@ def test_str_payload_is_utf8():
 )
 def test_unencodable_dict_payload_is_a_validation_error(payload, match):
     with pytest.raises(ValidationError, match=match) as info:
-        ev.encode_payload(payload)
+        encode_payload(payload)
     assert "payload cannot be encoded as JSON" in str(info.value)
     assert isinstance(info.value.__cause__, (TypeError, ValueError))
 
@@ -134,7 +149,7 @@ def test_circular_payload_is_a_validation_error():
     payload: dict = {}
     payload["self"] = payload
     with pytest.raises(ValidationError, match="Circular reference"):
-        ev.encode_payload(payload)
+        encode_payload(payload)
 
 
 @pytest.mark.parametrize(
@@ -143,9 +158,9 @@ def test_circular_payload_is_a_validation_error():
 )
 def test_wrong_payload_type_is_a_validation_error(payload, name):
     with pytest.raises(ValidationError, match=rf"payload must be a dict, bytes or str, not {name}"):
-        ev.encode_payload(payload)
+        encode_payload(payload)
     with pytest.raises(ValidationError, match="payload must be"):
-        ev.build_document("T", payload)
+        build_document("T", payload)
 
 
 # A lone surrogate cannot be encoded as UTF-8: it must be a ValidationError, not a bare
@@ -153,7 +168,7 @@ def test_wrong_payload_type_is_a_validation_error(payload, name):
 @pytest.mark.parametrize("payload", ["\ud800", {"x": "\ud800"}], ids=["str", "dict"])
 def test_lone_surrogate_payload_is_a_validation_error(payload):
     with pytest.raises(ValidationError, match="payload is not valid Unicode") as info:
-        ev.encode_payload(payload)
+        encode_payload(payload)
     assert isinstance(info.value.__cause__, UnicodeEncodeError)
 
 
@@ -170,16 +185,14 @@ def test_lone_surrogate_payload_is_a_validation_error(payload):
 def test_lone_surrogate_in_metadata_is_a_validation_error(kwargs, what):
     event_type = kwargs.pop("event_type", "T")
     with pytest.raises(ValidationError, match="not valid Unicode") as info:
-        ev.build_document(event_type, b"x", **kwargs)
+        build_document(event_type, b"x", **kwargs)
     assert str(info.value).startswith(what)
 
 
 def test_non_dict_mapping_payload_is_encoded():
     # Any Mapping is accepted, at the top level and nested.
     inner = types.MappingProxyType({"b": 2})
-    assert ev.encode_payload(types.MappingProxyType({"a": 1, "m": inner})) == (
-        b'{"a":1,"m":{"b":2}}'
-    )
+    assert encode_payload(types.MappingProxyType({"a": 1, "m": inner})) == (b'{"a":1,"m":{"b":2}}')
 
 
 # -- message size ----------------------------------------------------------------------------
@@ -192,49 +205,49 @@ WIDE = MessageFormat("s" * 1024, replay=True)
 def test_reserved_overhead_matches_the_real_attributes():
     # The constant is what the added and trace attributes cost at most, minus the type's value
     # (a str payload: its content-type is the longest one emit stores).
-    doc = ev.build_document("T", "", trace=_MAX_TRACE)
-    message = ev.message_from_document(doc, fmt=WIDE)
+    doc = build_document("T", "", trace=_MAX_TRACE)
+    message = message_from_document(doc, fmt=WIDE)
     assert len(message.attributes) == 10
     cost = sum(len(k) + len(v) for k, v in message.attributes.items())
-    assert cost == ev._RESERVED_OVERHEAD + len("T")
-    assert ev.OUTBOX.overhead < ev._RESERVED_OVERHEAD
+    assert cost == RESERVED_OVERHEAD + len("T")
+    assert OUTBOX.overhead < RESERVED_OVERHEAD
 
 
 def _max_data(event_type: str, key: str | None = None, attributes=None) -> int:
-    used = ev._RESERVED_OVERHEAD + len(event_type.encode())
+    used = RESERVED_OVERHEAD + len(event_type.encode())
     used += len(key.encode()) if key else 0
     used += sum(len(k.encode()) + len(v.encode()) for k, v in (attributes or {}).items())
-    return ev.MAX_MESSAGE_BYTES - used
+    return MAX_MESSAGE_BYTES - used
 
 
 def test_message_at_the_size_limit_is_accepted():
-    assert ev.MAX_MESSAGE_BYTES == 10_000_000
+    assert MAX_MESSAGE_BYTES == 10_000_000
     n = _max_data("Big")
-    doc = ev.build_document("Big", "x" * n, trace=_MAX_TRACE)
+    doc = build_document("Big", "x" * n, trace=_MAX_TRACE)
     assert len(doc["payload"]) == n
-    assert _size(ev.message_from_document(doc, fmt=WIDE)) == ev.MAX_MESSAGE_BYTES
+    assert _size(message_from_document(doc, fmt=WIDE)) == MAX_MESSAGE_BYTES
 
 
 def test_message_one_byte_over_the_limit_is_rejected():
     n = _max_data("Big") + 1
     with pytest.raises(ValidationError, match=r"10,000,001-byte message.*at most 10,000,000"):
-        ev.build_document("Big", b"x" * n)
+        build_document("Big", b"x" * n)
 
 
 def test_size_limit_counts_key_and_attribute_bytes_in_utf8():
     key = "ключ"  # 8 bytes
     attributes = {"région": "东京"}  # 7 + 6 bytes
     n = _max_data("Big", key, attributes)
-    assert n == ev.MAX_MESSAGE_BYTES - ev._RESERVED_OVERHEAD - 3 - 8 - 13
-    doc = ev.build_document("Big", "x" * n, key=key, attributes=attributes, trace=_MAX_TRACE)
-    assert _size(ev.message_from_document(doc, fmt=WIDE)) == ev.MAX_MESSAGE_BYTES
+    assert n == MAX_MESSAGE_BYTES - RESERVED_OVERHEAD - 3 - 8 - 13
+    doc = build_document("Big", "x" * n, key=key, attributes=attributes, trace=_MAX_TRACE)
+    assert _size(message_from_document(doc, fmt=WIDE)) == MAX_MESSAGE_BYTES
     with pytest.raises(ValidationError, match="10,000,001-byte"):
-        ev.build_document("Big", b"x" * (n + 1), key=key, attributes=attributes)
+        build_document("Big", b"x" * (n + 1), key=key, attributes=attributes)
 
 
 def test_oversized_dict_payload_is_rejected():
     with pytest.raises(ValidationError, match="store the body elsewhere"):
-        ev.build_document("Big", {"blob": "a" * ev.MAX_MESSAGE_BYTES})
+        build_document("Big", {"blob": "a" * MAX_MESSAGE_BYTES})
 
 
 def test_pubsub_request_chunks_stay_within_the_request_limit_in_utf8_bytes():
@@ -242,12 +255,12 @@ def test_pubsub_request_chunks_stay_within_the_request_limit_in_utf8_bytes():
     from mongo_outbox.publishers._pubsub import _chunks
 
     attributes = {f"k{i}": "é" * 512 for i in range(90)}  # 90 x 1026 bytes, 90 x 514 chars
-    doc = ev.build_document("T", b"x" * 8000, key="k", attributes=attributes, trace=_MAX_TRACE)
-    messages = [ev.message_from_document(doc) for _ in range(300)]
+    doc = build_document("T", b"x" * 8000, key="k", attributes=attributes, trace=_MAX_TRACE)
+    messages = [message_from_document(doc) for _ in range(300)]
     chunks = _chunks(messages, list(range(len(messages))))
     assert sorted(i for chunk in chunks for i in chunk) == list(range(len(messages)))
     for chunk in chunks:
-        assert sum(_size(messages[i]) for i in chunk) <= ev.MAX_MESSAGE_BYTES
+        assert sum(_size(messages[i]) for i in chunk) <= MAX_MESSAGE_BYTES
 
 
 # -- attributes ------------------------------------------------------------------------------
@@ -255,34 +268,34 @@ def test_pubsub_request_chunks_stay_within_the_request_limit_in_utf8_bytes():
 
 def test_90_user_attributes_are_accepted_and_room_is_left_for_every_added_attribute():
     attributes = {f"a{i}": str(i) for i in range(90)}
-    doc = ev.build_document("T", "x", attributes=attributes, trace=_MAX_TRACE)
+    doc = build_document("T", "x", attributes=attributes, trace=_MAX_TRACE)
     assert doc["attributes"] == attributes
-    assert len(ev.message_from_document(doc).attributes) == 95
-    message = ev.message_from_document(doc, fmt=WIDE)
-    assert len(message.attributes) == ev.MAX_ATTRIBUTES == 100
+    assert len(message_from_document(doc).attributes) == 95
+    message = message_from_document(doc, fmt=WIDE)
+    assert len(message.attributes) == MAX_ATTRIBUTES == 100
 
 
 def test_91_user_attributes_are_rejected():
     attributes = {f"a{i}": str(i) for i in range(91)}
     with pytest.raises(ValidationError, match=r"91 attributes given.*allows 100.*at most 90"):
-        ev.build_document("T", b"x", attributes=attributes)
+        build_document("T", b"x", attributes=attributes)
 
 
 @pytest.mark.parametrize("name", ["goog", "googAttr", "goog-x"])
 def test_attribute_key_starting_with_goog_is_rejected(name):
     with pytest.raises(ValidationError, match=rf"{name!r} starts with 'goog'"):
-        ev.build_document("T", b"x", attributes={name: "v"})
+        build_document("T", b"x", attributes={name: "v"})
 
 
 def test_attribute_key_with_goog_inside_is_accepted():
-    doc = ev.build_document("T", b"x", attributes={"xgoog": "v", "Goog": "w"})
+    doc = build_document("T", b"x", attributes={"xgoog": "v", "Goog": "w"})
     assert doc["attributes"] == {"xgoog": "v", "Goog": "w"}
 
 
-@pytest.mark.parametrize("name", sorted(ev.RESERVED_ATTRIBUTES))
+@pytest.mark.parametrize("name", sorted(RESERVED_ATTRIBUTES))
 def test_reserved_attribute_keys_are_rejected(name):
     with pytest.raises(ValidationError, match=rf"{name!r} is reserved by mongo-outbox"):
-        ev.build_document("T", b"x", attributes={name: "v"})
+        build_document("T", b"x", attributes={name: "v"})
 
 
 @pytest.mark.parametrize(
@@ -290,13 +303,13 @@ def test_reserved_attribute_keys_are_rejected(name):
 )
 def test_non_str_attribute_values_are_rejected(value, name):
     with pytest.raises(ValidationError, match=rf"attribute 'a' must be a str, not {name}"):
-        ev.build_document("T", b"x", attributes={"a": value})
+        build_document("T", b"x", attributes={"a": value})
 
 
 @pytest.mark.parametrize("name", [1, "", None])
 def test_bad_attribute_keys_are_rejected(name):
     with pytest.raises(ValidationError, match="attribute keys must be non-empty str"):
-        ev.build_document("T", b"x", attributes={name: "v"})
+        build_document("T", b"x", attributes={name: "v"})
 
 
 @pytest.mark.parametrize("name", ["a\x00b", "\x00", "tenant\x00"])
@@ -304,14 +317,14 @@ def test_attribute_key_with_nul_is_rejected(name):
     # BSON field names are NUL-terminated: such a key would abort the commit with bson's
     # InvalidDocument instead of failing at emit.
     with pytest.raises(ValidationError, match=r"contains a NUL character.*remove it") as info:
-        ev.build_document("T", b"x", attributes={name: "v"})
+        build_document("T", b"x", attributes={name: "v"})
     assert repr(name) in str(info.value)
 
 
 def test_nul_in_attribute_values_type_and_key_is_kept():
     # Values may hold NUL in BSON; only field names cannot.
-    doc = ev.build_document("T\x00", b"x", key="k\x00", attributes={"a": "v\x00"})
-    message = ev.message_from_document(doc)
+    doc = build_document("T\x00", b"x", key="k\x00", attributes={"a": "v\x00"})
+    message = message_from_document(doc)
     assert message.ordering_key == "k\x00"
     assert message.attributes["a"] == "v\x00"
     assert message.attributes["outbox_event_type"] == "T\x00"
@@ -319,15 +332,15 @@ def test_nul_in_attribute_values_type_and_key_is_kept():
 
 def test_attributes_must_be_a_mapping():
     with pytest.raises(ValidationError, match="attributes must be a dict of str to str, not list"):
-        ev.build_document("T", b"x", attributes=[("a", "b")])
+        build_document("T", b"x", attributes=[("a", "b")])
 
 
 def test_attribute_key_and_value_byte_limits():
-    ev.build_document("T", b"x", attributes={"k" * 256: "v" * 1024})
+    build_document("T", b"x", attributes={"k" * 256: "v" * 1024})
     with pytest.raises(ValidationError, match="longer than 256 bytes"):
-        ev.build_document("T", b"x", attributes={"k" * 257: "v"})
+        build_document("T", b"x", attributes={"k" * 257: "v"})
     with pytest.raises(ValidationError, match="value longer than 1024 bytes"):
-        ev.build_document("T", b"x", attributes={"k": "é" * 513})
+        build_document("T", b"x", attributes={"k": "é" * 513})
 
 
 # -- ordering key, type, topic ----------------------------------------------------------------
@@ -335,32 +348,32 @@ def test_attribute_key_and_value_byte_limits():
 
 def test_ordering_key_of_exactly_1024_bytes_is_accepted():
     key = "é" * 512  # 1024 UTF-8 bytes
-    assert ev.build_document("T", b"x", key=key)["key"] == key
-    assert ev.build_document("T", b"x", key="k" * 1024)["key"] == "k" * 1024
+    assert build_document("T", b"x", key=key)["key"] == key
+    assert build_document("T", b"x", key="k" * 1024)["key"] == "k" * 1024
 
 
 @pytest.mark.parametrize("key", ["k" * 1025, "é" * 512 + "k"], ids=["ascii", "utf8"])
 def test_ordering_key_over_1024_bytes_is_rejected(key):
     with pytest.raises(ValidationError, match=r"ordering key is 1025 bytes.*at most 1024"):
-        ev.build_document("T", b"x", key=key)
+        build_document("T", b"x", key=key)
 
 
 @pytest.mark.parametrize("key", ["", 7, b"k"])
 def test_empty_or_non_str_ordering_key_is_rejected(key):
     with pytest.raises(ValidationError, match="ordering key must be a non-empty str or None"):
-        ev.build_document("T", b"x", key=key)
+        build_document("T", b"x", key=key)
 
 
 @pytest.mark.parametrize("event_type", ["", None, 3])
 def test_bad_event_type_is_rejected(event_type):
     with pytest.raises(ValidationError, match="event type must be a non-empty str"):
-        ev.build_document(event_type, b"x")
+        build_document(event_type, b"x")
 
 
 def test_event_type_longer_than_an_attribute_value_is_rejected():
-    ev.build_document("t" * 1024, b"x")
+    build_document("t" * 1024, b"x")
     with pytest.raises(ValidationError, match="event type is longer than 1024 bytes"):
-        ev.build_document("t" * 1025, b"x")
+        build_document("t" * 1025, b"x")
 
 
 @pytest.mark.parametrize(
@@ -376,8 +389,8 @@ def test_event_type_longer_than_an_attribute_value_is_rejected():
     ],
 )
 def test_valid_topics_are_accepted(topic):
-    assert ev.check_topic(topic) == topic
-    assert ev.build_document("T", b"x", topic=topic)["topic"] == topic
+    assert check_topic(topic) == topic
+    assert build_document("T", b"x", topic=topic)["topic"] == topic
 
 
 @pytest.mark.parametrize(
@@ -403,14 +416,14 @@ def test_valid_topics_are_accepted(topic):
 )
 def test_bad_topics_are_rejected(topic):
     with pytest.raises(ValidationError, match="invalid topic"):
-        ev.check_topic(topic)
+        check_topic(topic)
     with pytest.raises(ValidationError, match="invalid topic"):
-        ev.build_document("T", b"x", topic=topic)
+        build_document("T", b"x", topic=topic)
 
 
 def test_no_topic_means_the_relay_default():
-    assert ev.check_topic(None) is None
-    assert ev.build_document("T", b"x")["topic"] is None
+    assert check_topic(None) is None
+    assert build_document("T", b"x")["topic"] is None
 
 
 # -- documents -------------------------------------------------------------------------------
@@ -418,7 +431,7 @@ def test_no_topic_means_the_relay_default():
 
 def test_build_document_fields():
     before = dt.datetime.now(UTC) - dt.timedelta(milliseconds=1)
-    doc = ev.build_document(
+    doc = build_document(
         "OrderCreated",
         {"id": 7},
         topic="orders",
@@ -446,7 +459,7 @@ def test_build_document_fields():
     assert isinstance(doc["payload"], bytes)
     assert doc["payload"] == b'{"id":7}'
     assert doc["attributes"] == {"tenant": "acme"}
-    assert doc["status"] == "pending" == ev.STATUS_PENDING
+    assert doc["status"] == "pending" == STATUS_PENDING
     assert doc["attempts"] == 0
     created = doc["created_at"]
     assert created.tzinfo is not None
@@ -458,28 +471,28 @@ def test_build_document_fields():
 def test_build_document_uses_given_id_and_time_and_fresh_ids_otherwise():
     oid = ObjectId()
     at = dt.datetime(2025, 5, 6, 7, 8, 9, tzinfo=UTC)
-    doc = ev.build_document("T", "text", event_id=oid, created_at=at)
+    doc = build_document("T", "text", event_id=oid, created_at=at)
     assert doc["_id"] == oid
     assert doc["created_at"] == at
     assert doc["payload"] == b"text"
     assert doc["attributes"] == {}
     assert doc["key"] is None
-    assert ev.build_document("T", b"")["_id"] != ev.build_document("T", b"")["_id"]
+    assert build_document("T", b"")["_id"] != build_document("T", b"")["_id"]
 
 
 def test_build_document_does_not_alias_the_callers_attributes():
     attributes = {"a": "1"}
-    doc = ev.build_document("T", b"x", attributes=attributes)
+    doc = build_document("T", b"x", attributes=attributes)
     attributes["b"] = "2"
     assert doc["attributes"] == {"a": "1"}
 
 
 def test_format_timestamp():
-    assert ev.format_timestamp(dt.datetime(2026, 11, 27, 6, 37, 30, 123999)) == (
+    assert format_timestamp(dt.datetime(2026, 11, 27, 6, 37, 30, 123999)) == (
         "2026-11-27T06:37:30.123Z"
     )
     tz = dt.timezone(dt.timedelta(hours=-5))
-    assert ev.format_timestamp(dt.datetime(2026, 11, 27, 1, 37, 30, tzinfo=tz)) == (
+    assert format_timestamp(dt.datetime(2026, 11, 27, 1, 37, 30, tzinfo=tz)) == (
         "2026-11-27T06:37:30.000Z"
     )
 
@@ -489,7 +502,7 @@ def test_format_timestamp():
 
 def test_message_from_document_attributes():
     doc = _doc()
-    message = ev.message_from_document(doc)
+    message = message_from_document(doc)
     assert isinstance(message, mongo_outbox.Message)
     assert message.event_id == doc["_id"]
     assert message.topic == "orders"
@@ -511,14 +524,14 @@ def test_message_from_document_attributes():
 
 def test_message_from_document_naive_created_at_is_utc():
     # PyMongo hands out naive UTC datetimes unless tz_aware=True.
-    message = ev.message_from_document(_doc(created_at=dt.datetime(2024, 2, 3, 4, 5, 6, 7000)))
+    message = message_from_document(_doc(created_at=dt.datetime(2024, 2, 3, 4, 5, 6, 7000)))
     assert message.attributes["outbox_created_at"] == "2024-02-03T04:05:06.007Z"
 
 
 def test_message_from_document_without_key_topic_or_attributes():
     doc = _doc(key=None, topic=None)
     del doc["attributes"]
-    message = ev.message_from_document(doc)
+    message = message_from_document(doc)
     assert message.ordering_key is None
     assert message.topic is None
     assert set(message.attributes) == {"outbox_event_id", "outbox_event_type", "outbox_created_at"}
@@ -526,7 +539,7 @@ def test_message_from_document_without_key_topic_or_attributes():
 
 def test_message_from_document_does_not_change_the_document():
     doc = _doc()
-    ev.message_from_document(doc)
+    message_from_document(doc)
     assert doc["attributes"] == {"tenant": "acme"}
 
 
@@ -577,7 +590,7 @@ def _without(field):
 )
 def test_message_from_malformed_document_is_poison(doc, match):
     with pytest.raises(PoisonEventError, match=match):
-        ev.message_from_document(doc)
+        message_from_document(doc)
 
 
 # Documents written by hand or by another program get the same checks emit makes.
@@ -586,64 +599,132 @@ def test_message_from_malformed_document_is_poison(doc, match):
 def test_message_from_document_over_the_size_limit_is_poison():
     doc = _doc(payload=b"x" * 11_000_000)
     size = len(doc["payload"]) + len("order-7") + len("tenant") + len("acme")
-    size += ev.OUTBOX.overhead + len("OrderCreated")  # read: the trace it has (none) counts
+    size += OUTBOX.overhead + len("OrderCreated")  # read: the trace it has (none) counts
     with pytest.raises(
         PoisonEventError, match=rf"{size:,}-byte message; Pub/Sub accepts at most 10,000,000"
     ):
-        ev.message_from_document(doc)
+        message_from_document(doc)
 
 
 def test_message_from_document_at_the_size_limit_is_accepted():
     # emit reserves room for the longest trace context; the relay counts the one there is.
-    doc = ev.build_document("Big", b"x" * _max_data("Big"))
-    assert ev.message_from_document(doc).size < ev.MAX_MESSAGE_BYTES
-    doc["payload"] += b"x" * (ev._RESERVED_OVERHEAD - ev.OUTBOX.overhead)
-    assert ev.message_from_document(doc).size == ev.MAX_MESSAGE_BYTES
+    doc = build_document("Big", b"x" * _max_data("Big"))
+    assert message_from_document(doc).size < MAX_MESSAGE_BYTES
+    doc["payload"] += b"x" * (RESERVED_OVERHEAD - OUTBOX.overhead)
+    assert message_from_document(doc).size == MAX_MESSAGE_BYTES
     doc["payload"] += b"x"
     with pytest.raises(PoisonEventError, match="10,000,001-byte message"):
-        ev.message_from_document(doc)
+        message_from_document(doc)
 
 
 def test_message_from_document_with_a_type_over_1024_bytes_is_poison():
-    message = ev.message_from_document(_doc(type="t" * 1024))
+    message = message_from_document(_doc(type="t" * 1024))
     assert message.attributes["outbox_event_type"] == "t" * 1024
     with pytest.raises(PoisonEventError, match="event type is longer than 1024 bytes"):
-        ev.message_from_document(_doc(type="t" * 1025))
+        message_from_document(_doc(type="t" * 1025))
     with pytest.raises(PoisonEventError, match="event type is longer than 1024 bytes"):
-        ev.message_from_document(_doc(type="é" * 513))
+        message_from_document(_doc(type="é" * 513))
 
 
 def test_message_from_document_with_nul_in_an_attribute_key_is_poison():
     with pytest.raises(PoisonEventError, match=r"'a\\x00b' contains a NUL character"):
-        ev.message_from_document(_doc(attributes={"a\x00b": "v"}))
+        message_from_document(_doc(attributes={"a\x00b": "v"}))
 
 
 def test_message_size_is_the_size_of_what_is_published():
     attributes = {"région": "东京"}
-    doc = ev.build_document("Tÿpe", b"x" * 10, key="ключ", attributes=attributes, trace=_MAX_TRACE)
-    message = ev.message_from_document(doc)
+    doc = build_document("Tÿpe", b"x" * 10, key="ключ", attributes=attributes, trace=_MAX_TRACE)
+    message = message_from_document(doc)
     assert message.size == _size(message)
     del doc["trace"]
-    without = ev.message_from_document(doc)
+    without = message_from_document(doc)
     assert without.size == _size(without) < message.size
 
 
 def test_attempts_of_tolerates_odd_values():
     from bson.int64 import Int64
 
-    assert ev.attempts_of({}) == 0
-    assert ev.attempts_of({"attempts": 3}) == 3
-    assert ev.attempts_of({"attempts": Int64(4)}) == 4
-    assert ev.attempts_of({"attempts": True}) == 0
-    assert ev.attempts_of({"attempts": "2"}) == 0
-    assert ev.attempts_of({"attempts": None}) == 0
+    assert attempts_of({}) == 0
+    assert attempts_of({"attempts": 3}) == 3
+    assert attempts_of({"attempts": Int64(4)}) == 4
+    assert attempts_of({"attempts": True}) == 0
+    assert attempts_of({"attempts": "2"}) == 0
+    assert attempts_of({"attempts": None}) == 0
 
 
 def test_documents_written_before_trace_attributes_were_reserved_are_still_published():
     # Earlier versions let 97 user attributes through: the relay counts only the trace
     # context a document really has.
     doc = _doc(attributes={f"a{i}": "v" for i in range(97)})
-    assert len(ev.message_from_document(doc).attributes) == 100
+    assert len(message_from_document(doc).attributes) == 100
     doc["attributes"]["a97"] = "v"
     with pytest.raises(PoisonEventError, match="at most 97"):
-        ev.message_from_document(doc)
+        message_from_document(doc)
+
+
+# -- the hot path's inline checks give exactly what the full checks give --------------------
+
+# Around the edges the inline paths test: empty, ASCII or not, at and past the byte limits,
+# lone surrogates, wrong types.
+_texts = st.one_of(
+    st.text(max_size=8),
+    st.text(alphabet=st.characters(codec="ascii"), min_size=1000, max_size=1030),
+    st.builds(
+        lambda n, c: c * n, st.integers(1020, 1030), st.sampled_from(["a", "\xe9", "\ud800"])
+    ),
+)
+_names = st.one_of(_texts, st.none(), st.integers(), st.binary(max_size=4))
+_attributes = st.one_of(
+    st.none(),
+    st.just({}),
+    st.dictionaries(st.text(max_size=5), st.one_of(st.text(max_size=5), st.integers()), max_size=3),
+    st.lists(st.text(max_size=3), max_size=2),
+)
+_payloads = st.one_of(
+    st.binary(max_size=16),
+    st.text(max_size=16),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=3),
+    st.integers(),
+)
+_topics = st.one_of(
+    st.none(), st.sampled_from(["orders", "goog-x", "a", "projects/proj-1/topics/t-1"])
+)
+
+
+_VALID = {"event_type": "E", "payload": b"x", "topic": None, "key": "k", "attributes": None}
+_FIELDS = {
+    "event_type": _names,
+    "key": _names,
+    "payload": _payloads,
+    "topic": _topics,
+    "attributes": _attributes,
+}
+
+
+@pytest.mark.parametrize("field", sorted(_FIELDS))
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), cloudevents=st.booleans())
+def test_the_inline_checks_equal_the_full_checks(field, data, cloudevents):
+    given_event = {**_VALID, field: data.draw(_FIELDS[field], label=field)}
+
+    def outcome(check):
+        try:
+            return check(**given_event, cloudevents=cloudevents)
+        except ValidationError as exc:
+            return ("refused", str(exc))
+
+    assert outcome(check_event) == outcome(check_event_in_full)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_names, _payloads, _topics, _names, _attributes, st.booleans())
+def test_the_inline_checks_equal_the_full_checks_all_at_once(
+    event_type, payload, topic, key, attributes, cloudevents
+):
+    def outcome(check):
+        try:
+            return check(event_type, payload, topic, key, attributes, cloudevents=cloudevents)
+        except ValidationError as exc:
+            return ("refused", str(exc))
+
+    assert outcome(check_event) == outcome(check_event_in_full)

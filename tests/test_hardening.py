@@ -21,7 +21,7 @@ from helpers import invalid_utf8, wait_for
 from pymongo.errors import PyMongoError
 
 from mongo_outbox import InMemoryPublisher, outbox_transaction
-from mongo_outbox._event import MAX_MESSAGE_BYTES
+from mongo_outbox._limits import MAX_MESSAGE_BYTES
 from mongo_outbox.relay import Relay, RelayConfig
 
 

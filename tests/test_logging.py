@@ -20,8 +20,8 @@ import pytest
 from bson import ObjectId
 from pymongo import MongoClient
 
-from mongo_outbox import _event as ev
 from mongo_outbox import _logging, outbox_transaction
+from mongo_outbox._document import build_document
 from mongo_outbox.cli import main
 
 SECRET = "Sup3r/Secret@Pw"
@@ -241,7 +241,7 @@ def test_relay_logs_no_password_at_debug(
     client[db_name].outbox.update_one(
         {"_id": missing}, {"$set": {"trace": {"traceparent": TRACEPARENT}}}
     )
-    poison = ev.build_document("Poison", b"x")
+    poison = build_document("Poison", b"x")
     poison.pop("payload")
     client[db_name].outbox.insert_one(poison)
     uri = _uri_with_password(mongodb_uri, *secret_user)

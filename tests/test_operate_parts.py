@@ -172,7 +172,7 @@ def test_a_malformed_tracestate_is_not_published():
 
     from bson import ObjectId
 
-    from mongo_outbox._event import message_from_document
+    from mongo_outbox._message import message_from_document
 
     parent = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
     doc = {

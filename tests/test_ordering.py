@@ -8,11 +8,12 @@ import pytest
 from bson import ObjectId
 
 from mongo_outbox import Message, PermanentPublishError, TransientPublishError
+from mongo_outbox._document import Event, key_of, to_event
 from mongo_outbox._store import Failure
+from mongo_outbox._times import as_utc
 from mongo_outbox.relay import _backoff
 from mongo_outbox.relay._backoff import Backoff
-from mongo_outbox.relay._decode import Event, to_event
-from mongo_outbox.relay._ordering import SweepFilter, as_utc, classify, key_of
+from mongo_outbox.relay._ordering import SweepFilter, classify
 
 UTC = dt.timezone.utc
 NOW = dt.datetime(2026, 3, 4, 12, 0, 0, tzinfo=UTC)
@@ -336,17 +337,18 @@ def test_backoff_is_capped_for_huge_attempt_counts():
         assert 150.0 <= Backoff(1.0, 300.0).delay(attempts) <= 300.0
 
 
-# -- ordering slots: a key on a topic -------------------------------------------------------
+# -- ordering lanes: a key on a topic -------------------------------------------------------
 
 
-def test_slot_is_the_key_on_its_topic_with_the_default_applied():
-    from mongo_outbox.relay._ordering import message_slot, slot_of
+def test_lane_is_the_key_on_its_topic_with_the_default_applied():
+    from mongo_outbox._document import lane_of
+    from mongo_outbox._message import message_lane
 
-    assert slot_of({"key": "k", "topic": "a"}, "dflt") == "a\nk"
-    assert slot_of({"key": "k", "topic": None}, "dflt") == "dflt\nk"
-    assert slot_of({"key": None, "topic": "a"}, "dflt") is None
-    assert slot_of({"key": "k", "topic": "a"}, None) != slot_of({"key": "k", "topic": "b"}, None)
+    assert lane_of({"key": "k", "topic": "a"}, "dflt") == "a\nk"
+    assert lane_of({"key": "k", "topic": None}, "dflt") == "dflt\nk"
+    assert lane_of({"key": None, "topic": "a"}, "dflt") is None
+    assert lane_of({"key": "k", "topic": "a"}, None) != lane_of({"key": "k", "topic": "b"}, None)
     doc = {"_id": ObjectId(), "key": "k", "topic": None}
     message = Message(doc["_id"], "dflt", b"", "k", {})
-    assert message_slot(message) == slot_of(doc, "dflt")
-    assert message_slot(Message(doc["_id"], "dflt", b"", None, {})) is None
+    assert message_lane(message) == lane_of(doc, "dflt")
+    assert message_lane(Message(doc["_id"], "dflt", b"", None, {})) is None

@@ -8,7 +8,7 @@ import pytest
 from bson import Decimal128, ObjectId
 from bson.int64 import Int64
 
-from mongo_outbox._event import build_document
+from mongo_outbox._document import build_document
 from mongo_outbox._partition import SLOTS, Partition, slot_for
 from mongo_outbox._store import assign_missing_slots
 from mongo_outbox.relay._membership import assign

@@ -31,19 +31,26 @@ from mongo_outbox import (
     PublishError,
     TransientPublishError,
 )
-from mongo_outbox._event import build_document, utcnow
+from mongo_outbox._document import (
+    Event,
+    Poison,
+    build_document,
+    decode_batch,
+    decode_document,
+    to_event,
+)
+from mongo_outbox._message import message_lane
 from mongo_outbox._store import Failure
+from mongo_outbox._times import utcnow
 from mongo_outbox.publishers import InMemoryPublisher, PubSubPublisher
 from mongo_outbox.relay import _backoff, _checkpoint
 from mongo_outbox.relay._backoff import Backoff
 from mongo_outbox.relay._budget import BudgetQueue, ByteBudget
 from mongo_outbox.relay._checkpoint import Checkpoint
 from mongo_outbox.relay._config import RelayConfig
-from mongo_outbox.relay._decode import Event, Poison, decode_batch, decode_document, to_event
 from mongo_outbox.relay._dedup import StreamSweepDedup
 from mongo_outbox.relay._dispatch import Dispatcher
 from mongo_outbox.relay._gate import KeyGate, TopicBreaker
-from mongo_outbox.relay._ordering import message_slot
 from mongo_outbox.relay._stats import RelayStats
 
 # A generous bound for anything that must happen "soon" (never hit when the code is right).
@@ -855,17 +862,17 @@ def test_dispatch_poison_holds_its_slot_under_the_hold_policy(kit):
     for policy, held in (("hold", True), ("release", False)):
         k = kit(config=dataclasses.replace(CONFIG, dead_key_policy=policy))
         later = ev("a", "k")
-        poison = Poison("p", 0, "poison: bad", 1, message_slot(later.message))
+        poison = Poison("p", 0, "poison: bad", 1, message_lane(later.message))
         k.dispatcher.dispatch([poison, later])
         assert (_sent(k.publisher) == []) is held, policy
-        assert (not k.dispatcher.gate.admits(message_slot(later.message))) is held
+        assert (not k.dispatcher.gate.admits(message_lane(later.message))) is held
 
 
 def test_dispatch_skips_events_of_a_held_slot(kit):
     k = kit()
     held1, free, keyless, held2 = ev("a", "k"), ev("a", "j"), ev("a"), ev("a", "k")
     other_topic = ev("b", "k")  # same key, other topic: another slot
-    k.dispatcher.gate.hold([message_slot(held1.message)])
+    k.dispatcher.gate.hold([message_lane(held1.message)])
     handled = k.dispatcher.dispatch([held1, free, keyless, held2, other_topic])
     assert _sent(k.publisher) == _ids([free, keyless, other_topic])
     assert handled == set(_ids([free, keyless, other_topic]))
@@ -933,7 +940,7 @@ def test_dispatch_isolates_a_failing_topic_while_others_are_published(kit):
     assert _sent(k.publisher) == _ids([b1, b2])
     assert elapsed >= CONFIG.isolate_after  # retried in place until isolated
     assert k.publisher.calls >= 2
-    assert k.dispatcher.gate.held == {message_slot(a1.message)}  # "b"'s slot flows
+    assert k.dispatcher.gate.held == {message_lane(a1.message)}  # "b"'s slot flows
     assert not k.dispatcher.breaker.allows("a")
     assert k.dispatcher.breaker.allows("b")
     assert k.dispatcher.breaker.isolated == ["a"]
@@ -947,7 +954,7 @@ def test_dispatch_isolates_a_failing_topic_while_others_are_published(kit):
     a4, a5 = ev("a"), ev("a", "other")
     assert k.dispatcher.dispatch([a4, a5]) == set()
     assert k.publisher.calls == calls
-    assert message_slot(a5.message) in k.dispatcher.gate.held
+    assert message_lane(a5.message) in k.dispatcher.gate.held
 
     # Healed and past the isolation: "a" goes again; the breaker closes.
     k.publisher.heal_topic("a")
@@ -970,7 +977,7 @@ def test_dispatch_with_the_configured_breaker_returns_once_the_topic_is_isolated
     handled = k.dispatcher.dispatch([a1, b1])
     assert time.monotonic() - started >= CONFIG.isolate_after
     assert handled == {b1.message.event_id}
-    assert k.dispatcher.gate.held == {message_slot(a1.message)}
+    assert k.dispatcher.gate.held == {message_lane(a1.message)}
     assert _sent(k.publisher) == [b1.message.event_id]
 
 
@@ -992,7 +999,7 @@ def test_dispatch_permanent_failure_blocks_the_slot_and_records_an_attempt(kit):
     handled = k.dispatcher.dispatch([a1, a2, a3, b1])
     assert handled == {b1.message.event_id}
     assert k.publisher.calls == 1  # no in-place retry of a permanent error
-    assert k.dispatcher.gate.held == {message_slot(a1.message)}
+    assert k.dispatcher.gate.held == {message_lane(a1.message)}
     k.dispatcher.flush()
     by_id = {f.event_id: f for f in k.store.failures}
     assert set(by_id) == {a1.message.event_id, a3.message.event_id}  # a2 waits behind a1
@@ -1225,7 +1232,7 @@ def test_dispatch_does_not_count_unsent_messages_against_their_topic(kit):
 def test_poison_under_hold_holds_its_key_for_the_rest_of_its_batch(kit):
     k = kit(config=dataclasses.replace(CONFIG, dead_key_policy="hold"))
     before = ev("t", "other")
-    poison = Poison(ObjectId(), 0, "bad", 10, slot=message_slot(ev("t", "k").message))
+    poison = Poison(ObjectId(), 0, "bad", 10, slot=message_lane(ev("t", "k").message))
     after = ev("t", "k")
     k.dispatcher.dispatch([before, poison, after])
     k.dispatcher.flush()

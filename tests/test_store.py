@@ -14,8 +14,9 @@ import pytest
 from bson import ObjectId
 
 from mongo_outbox import ConfigurationError
-from mongo_outbox import _event as ev
 from mongo_outbox._admin import OutboxAdmin
+from mongo_outbox._document import build_document
+from mongo_outbox._message import message_from_document
 from mongo_outbox._store import (
     PENDING_INDEX,
     PUBLISH_PROJECTION,
@@ -68,7 +69,7 @@ def admin(db):
 
 
 def _event(n: int, *, status: str = "pending", key: str | None = None, **extra):
-    doc = ev.build_document(
+    doc = build_document(
         f"Event{n}",
         {"n": n},
         topic="orders",
@@ -158,7 +159,7 @@ def test_pending_projects_only_what_publishing_needs(real_store):
     assert doc["attempts"] == 2
     assert doc["next_attempt_at"] == _at(100)
     # Enough to build the message it will publish.
-    message = ev.message_from_document(doc)
+    message = message_from_document(doc)
     assert message.attributes["outbox_event_type"] == "Event1"
 
 

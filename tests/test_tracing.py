@@ -23,11 +23,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 
 from mongo_outbox import PermanentPublishError, ValidationError, outbox_transaction
-from mongo_outbox import _event as ev
+from mongo_outbox._document import Event, build_document, event_from_raw
 from mongo_outbox._formats import MessageFormat
+from mongo_outbox._limits import MAX_ATTRIBUTES
+from mongo_outbox._message import Message, message_from_document
 from mongo_outbox._transaction import _EventBuffer
 from mongo_outbox.publishers import PubSubPublisher
-from mongo_outbox.relay._decode import Event, event_from_raw
 
 TRACEPARENT = f"00-{'a1' * 16}-{'b2' * 8}-01"
 
@@ -53,7 +54,7 @@ def _traceparent(context: SpanContext) -> str:
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
 
 
-def _trace_attributes(message: ev.Message) -> dict[str, str]:
+def _trace_attributes(message: Message) -> dict[str, str]:
     return {k: v for k, v in message.attributes.items() if k.startswith("googclient_")}
 
 
@@ -89,13 +90,13 @@ def test_emit_stores_the_tracestate_cut_to_whole_members_within_512_bytes():
 def test_relay_publishes_the_stored_context_as_googclient_attributes():
     doc = _emit()
     doc["trace"] = {"traceparent": TRACEPARENT, "tracestate": "vendor=x"}
-    message = ev.message_from_document(doc)
+    message = message_from_document(doc)
     assert _trace_attributes(message) == {
         "googclient_traceparent": TRACEPARENT,
         "googclient_tracestate": "vendor=x",
     }
     del doc["trace"]
-    assert _trace_attributes(ev.message_from_document(doc)) == {}
+    assert _trace_attributes(message_from_document(doc)) == {}
 
 
 @pytest.mark.parametrize(
@@ -125,7 +126,7 @@ def test_malformed_trace_field_adds_no_attribute_and_is_not_poison(trace_field):
 def test_malformed_tracestate_is_left_out_and_the_traceparent_kept(tracestate):
     doc = _emit()
     doc["trace"] = {"traceparent": TRACEPARENT, "tracestate": tracestate}
-    message = ev.message_from_document(doc)
+    message = message_from_document(doc)
     assert _trace_attributes(message) == {"googclient_traceparent": TRACEPARENT}
 
 
@@ -138,8 +139,8 @@ def test_attribute_count_leaves_room_for_every_attribute_the_relay_adds(tracing)
             _emit(attributes={**attributes, "a90": "v"})
     doc["trace"]["tracestate"] = "vendor=x"
     doc["content_type"] = "application/json"
-    message = ev.message_from_document(doc, fmt=MessageFormat("urn:x", replay=True))
-    assert len(message.attributes) == ev.MAX_ATTRIBUTES
+    message = message_from_document(doc, fmt=MessageFormat("urn:x", replay=True))
+    assert len(message.attributes) == MAX_ATTRIBUTES
     with pytest.raises(ValidationError, match="'googclient_traceparent' is reserved"):
         _emit(attributes={"googclient_traceparent": TRACEPARENT})
 
@@ -160,13 +161,13 @@ class FakeGapic:
             raise self._error
 
 
-def _messages(*traces: dict[str, str] | None) -> list[ev.Message]:
+def _messages(*traces: dict[str, str] | None) -> list[Message]:
     messages = []
     for n, trace_field in enumerate(traces):
-        doc = ev.build_document("T", b"x", topic="orders", key=f"k{n}")
+        doc = build_document("T", b"x", topic="orders", key=f"k{n}")
         if trace_field is not None:
             doc["trace"] = trace_field
-        messages.append(ev.message_from_document(doc))
+        messages.append(message_from_document(doc))
     return messages
 
 
@@ -237,12 +238,14 @@ def test_without_opentelemetry_nothing_changes():
         """
         import sys
         sys.modules["opentelemetry.trace"] = None
-        from mongo_outbox import _event as ev, _tracing
+        from mongo_outbox import _tracing
+        from mongo_outbox._document import build_document
+        from mongo_outbox._message import message_from_document
         from mongo_outbox.publishers import PubSubPublisher
         assert _tracing._otel is None and _tracing.current_trace() is None
-        doc = ev.build_document("T", b"x", topic="orders")
+        doc = build_document("T", b"x", topic="orders")
         doc["trace"] = {"traceparent": "00-%s-%s-01" % ("a1" * 16, "b2" * 8)}
-        message = ev.message_from_document(doc)
+        message = message_from_document(doc)
         class Client:
             def publish(self, **kwargs):
                 self.request = kwargs["request"]

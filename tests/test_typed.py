@@ -28,8 +28,8 @@ from mongo_outbox import (
     emit_in,
     outbox_transaction,
 )
-from mongo_outbox._event import message_from_document
 from mongo_outbox._formats import OUTBOX, MessageFormat
+from mongo_outbox._message import message_from_document
 from mongo_outbox.typed import Handlers, RejectedMessage, event
 
 CLOUDEVENTS = MessageFormat("//shop.example.com/orders")

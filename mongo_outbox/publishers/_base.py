@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from .._errors import PublishError
-from .._event import Message
+from .._message import Message
 
 __all__ = ["Publisher"]
 

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from .._errors import NotSentError, PermanentPublishError, PublishError, TransientPublishError
-from .._event import Message
+from .._message import Message
 
 __all__ = ["InMemoryPublisher"]
 

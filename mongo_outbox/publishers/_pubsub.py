@@ -25,7 +25,7 @@ from .._errors import (
     PublishError,
     TransientPublishError,
 )
-from .._event import Message
+from .._message import Message
 from .._tracing import PublishTracing
 
 if TYPE_CHECKING:

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._errors import LeaseLostError
-from .._event import utcnow
 from .._store import OutboxStore
+from .._times import utcnow
 from ._lease import Lease
 
 __all__ = ["Checkpoint"]

@@ -16,17 +16,19 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._cloudlog import TRACEPARENT
+from .._document import Event, Poison
 from .._errors import NotSentError, PublishError, TransientPublishError
-from .._event import ATTR_TRACEPARENT, utcnow
+from .._message import message_lane as message_slot
 from .._store import Failure, OutboxStore
+from .._times import utcnow
+from .._trace_context import ATTR_TRACEPARENT
 from ..publishers import Publisher
 from ._backoff import Backoff
 from ._config import RelayConfig
-from ._decode import Event, Poison
 from ._gate import KeyGate, TopicBreaker
 from ._lease import Lease
 from ._metrics import RelayMetrics
-from ._ordering import Outcome, classify, message_slot
+from ._ordering import Outcome, classify
 from ._pipelining import Marker
 from ._stats import RelayStats
 

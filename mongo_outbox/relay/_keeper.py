@@ -11,10 +11,10 @@ from contextlib import contextmanager
 from bson.errors import BSONError
 from pymongo.errors import OperationFailure, PyMongoError
 
+from .._mongo_errors import outbox_missing
 from .._store import OutboxStore
 from ._health import Health
 from ._lease import Lease
-from ._sampler import missing_outbox
 
 __all__ = ["await_lease", "await_outbox", "keep_renewed", "release_lease"]
 
@@ -29,7 +29,7 @@ def await_outbox(store: OutboxStore, stop: threading.Event, health: Health) -> b
     announced = False
     while not stop.is_set():
         try:
-            missing = missing_outbox(store)
+            missing = outbox_missing(store.outbox)
             health.beat()  # MongoDB answered; a failed poll is no progress
         except PyMongoError as exc:
             missing = f"MongoDB does not answer: {type(exc).__name__}"

@@ -18,24 +18,45 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from pymongo import ReturnDocument
 from pymongo.collection import Collection
 from pymongo.errors import OperationFailure
 
-from .._admin import LIVE_LEASE, shared_outbox_warning
 from .._errors import ConfigurationError, LeaseLostError
+from .._mongo_errors import is_auth_failure
 from .._store import lenient, state_collection_name
 
-__all__ = ["Lease", "new_owner_id"]
+__all__ = ["LIVE_LEASE", "Lease", "new_owner_id", "shared_outbox_warning"]
 
 log = logging.getLogger("mongo_outbox.relay")
+
+#: Aggregation expression, true for a relay state document whose lease is held now: a string
+#: owner and a date expiry later than the server's clock. Anything else holds nothing.
+LIVE_LEASE: dict[str, Any] = {
+    "$and": [
+        {"$eq": [{"$type": "$lease_owner"}, "string"]},
+        {"$eq": [{"$type": "$lease_expires_at"}, "date"]},
+        {"$gt": ["$lease_expires_at", "$$NOW"]},
+    ]
+}
+
+
+def shared_outbox_warning(names: Sequence[str], outbox: str) -> str:
+    """The warning about several relay names publishing from one outbox."""
+    listed = f"{', '.join(names[:-1])} and {names[-1]}"
+    verb = "both publish" if len(names) == 2 else "all publish"
+    return (
+        f"relay names {listed} {verb} from outbox {outbox}: every event is published by each; "
+        "give them the same --name (one active, others standby)"
+    )
+
 
 #: Largest valid fence: doubles are exact up to here, and bumping it cannot overflow an Int64.
 MAX_FENCE = 2**53
 #: Server error codes that say the relay's user may not do this: Unauthorized, AuthenticationFailed.
-_AUTH_CODES = (13, 18)
 _NUMBERS = ["int", "long", "double", "decimal"]
 _ABSENT = ["missing", "null"]
 _CHECK = "_outbox_lease_check"  # scratch field of the acquiring update, removed by it
@@ -240,7 +261,7 @@ class Lease:
                 return_document=ReturnDocument.AFTER,
             )
         except OperationFailure as exc:
-            if exc.code in _AUTH_CODES:
+            if is_auth_failure(exc):
                 raise ConfigurationError(
                     f"MongoDB refused the lease of relay {self.name!r} on {self.state.full_name}: "
                     f"{_reason(exc)}"

@@ -15,8 +15,8 @@ from typing import Any
 
 from pymongo.collection import Collection
 
-from .._admin import LIVE_LEASE
 from .._store import lenient
+from ._lease import LIVE_LEASE
 
 __all__ = ["Membership", "assign", "member_state_id"]
 

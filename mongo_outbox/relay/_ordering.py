@@ -11,22 +11,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._document import Event, key_of
 from .._errors import PublishError, TransientPublishError
-from .._event import as_utc
+from .._message import message_lane
 from .._store import Failure
+from .._times import as_utc
 from ._backoff import Backoff
-from ._decode import Event
-from ._slots import key_of, message_slot, slot_of
 
-__all__ = [
-    "Outcome",
-    "SweepFilter",
-    "as_utc",
-    "classify",
-    "key_of",
-    "message_slot",
-    "slot_of",
-]
+__all__ = ["Outcome", "SweepFilter", "classify"]
 
 
 class SweepFilter:
@@ -45,9 +37,9 @@ class SweepFilter:
         grace: float | None,
         blocked: Iterable[str] = (),
         dead_keys: Iterable[str] = (),
-        slot: Callable[[Mapping[str, Any]], str | None] = key_of,
+        lane: Callable[[Mapping[str, Any]], str | None] = key_of,
     ) -> None:
-        self._slot = slot
+        self._lane = lane
         self.now = now
         self.blocked = frozenset(blocked)
         self.young_after = None if grace is None else now - _dt.timedelta(seconds=grace)
@@ -57,21 +49,21 @@ class SweepFilter:
 
     def admit(self, doc: Mapping[str, Any]) -> bool:
         """True when ``doc`` may be published now."""
-        # The slot is worked out only when it matters: a sweep with nothing held needs none
+        # The lane is worked out only when it matters: a sweep with nothing held needs none
         # for the events it admits.
         held = self.held
         if held:
-            key = self._slot(doc)
+            key = self._lane(doc)
             if key is not None and key in held:
                 return False
         next_at = doc.get("next_attempt_at")
         if isinstance(next_at, _dt.datetime) and as_utc(next_at) > self.now:
-            self._hold(self._slot(doc), waiting=True)
+            self._hold(self._lane(doc), waiting=True)
             return False
         if self.young_after is not None and next_at is None:
             created = doc.get("created_at")
             if isinstance(created, _dt.datetime) and as_utc(created) > self.young_after:
-                key = self._slot(doc)
+                key = self._lane(doc)
                 if key not in self.blocked:
                     self._hold(key, waiting=False)
                     return False
@@ -86,7 +78,7 @@ class SweepFilter:
 
 @dataclass
 class Outcome:
-    """What to record after a publish: published ids, failures, retries, blocked slots."""
+    """What to record after a publish: published ids, failures, retries, blocked lanes."""
 
     published: list[Any] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
@@ -105,24 +97,24 @@ def classify(
     retry: Backoff,
     hold_dead: bool = False,
 ) -> Outcome:
-    """Decide each event's fate from its publish result, keeping per-slot order.
+    """Decide each event's fate from its publish result, keeping per-lane order.
 
-    A transient error sends the event, and every later event of its slot, back for an
+    A transient error sends the event, and every later event of its lane, back for an
     in-process retry without counting an attempt. A permanent error counts an attempt and
     schedules the next one after ``retry``'s delay (or makes the event dead at
-    ``max_attempts``); later events of its slot stay pending, and the slot is reported blocked.
-    A dead event blocks its slot only with ``hold_dead``.
+    ``max_attempts``); later events of its lane stay pending, and the lane is reported blocked.
+    A dead event blocks its lane only with ``hold_dead``.
     """
     outcome = Outcome()
     if len(sent) == len(results) and results.count(None) == len(results):
-        # The common case, everything published: nothing blocks or retries a slot.
+        # The common case, everything published: nothing blocks or retries a lane.
         outcome.published = [e.message.event_id for e in sent]
         outcome.succeeded_topics = {e.message.topic for e in sent}
         return outcome
     retrying: set[str] = set()
     for event, error in zip(sent, results, strict=True):
         message = event.message
-        key = message_slot(message)
+        key = message_lane(message)
         if key is not None and key in outcome.blocked:
             continue  # stays pending behind the failed event
         if key is not None and key in retrying:

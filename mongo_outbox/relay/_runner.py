@@ -29,7 +29,9 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
+from .._document import Event, Poison, event_from_raw
 from .._errors import ConfigurationError, LeaseLostError
+from .._mongo_errors import is_auth_failure, outbox_missing
 from .._oplog import token_time
 from .._partition import Partition
 from .._store import OutboxStore
@@ -38,7 +40,6 @@ from ._backoff import Backoff
 from ._budget import ByteBudget
 from ._checkpoint import Checkpoint
 from ._config import RelayConfig
-from ._decode import Event, Poison, event_from_raw
 from ._dedup import StreamSweepDedup
 from ._dispatch import Dispatcher
 from ._group import RelayGroup
@@ -47,7 +48,7 @@ from ._keeper import await_lease, await_outbox, keep_renewed, release_lease
 from ._lease import Lease, new_owner_id
 from ._metrics import PartitionState, RelayMetrics
 from ._progress import Progress
-from ._sampler import Sampler, missing_outbox
+from ._sampler import Sampler
 from ._stats import RelayStats
 from ._sweep import Sweeper, SweepResult
 from ._tailer import Change, Idle, StreamFailed, Tailer, open_stream
@@ -255,7 +256,7 @@ class Relay:
         Returns the number of events published. Raises :class:`LeaseLostError` when another
         relay holds the lease for longer than one lease period (it is doing the work).
         """
-        missing = missing_outbox(self.store)
+        missing = outbox_missing(self.store.outbox)
         if missing is not None:
             raise ConfigurationError(missing)
         if self._partitions is not None:
@@ -295,7 +296,7 @@ class Relay:
         return True
 
     def _restart_after(self, exc: BaseException, failures: int) -> None:
-        if isinstance(exc, OperationFailure) and exc.code in (13, 18):
+        if is_auth_failure(exc):
             raise ConfigurationError(f"MongoDB refused the relay: {exc}") from exc
         if isinstance(exc, _StreamError) and isinstance(exc.__cause__, OperationFailure):
             # The server refused to go on from our position (history lost, invalid token...).

@@ -11,40 +11,19 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pymongo.errors import OperationFailure, PyMongoError
+from pymongo.errors import PyMongoError
 
-from .._errors import ConfigurationError
-from .._event import STATUS_DEAD, STATUS_PENDING, age_of
+from .._document import STATUS_DEAD, STATUS_PENDING
+from .._mongo_errors import outbox_missing
 from .._oplog import headroom, read_oplog_window
-from .._store import OutboxStore
+from .._store import OutboxStore, count_by_status, oldest_pending
+from .._times import age_of
 from ._health import Health
 from ._metrics import RelayMetrics
 
-__all__ = ["Sampler", "missing_outbox"]
+__all__ = ["Sampler"]
 
 log = logging.getLogger("mongo_outbox.relay")
-
-
-def missing_outbox(store: OutboxStore) -> str | None:
-    """Why the outbox collection cannot be relayed (None when it exists); creates nothing."""
-    db = store.outbox.database
-    try:
-        names = db.list_collection_names(
-            filter={"name": store.outbox.name}, authorizedCollections=True
-        )
-    except OperationFailure as exc:
-        if exc.code in (13, 18):
-            raise ConfigurationError(
-                f"MongoDB refused to list the collections of {db.name}: grant the relay's user "
-                "listCollections on it (or a role with it, such as read)"
-            ) from exc
-        raise
-    if store.outbox.name in names:
-        return None
-    return (
-        f"no outbox collection {db.name}.{store.outbox.name}: check --database and "
-        "--collection, or create it with `mongo-outbox init`"
-    )
 
 
 class Sampler:
@@ -97,15 +76,13 @@ class Sampler:
     def sample(self) -> None:
         """Take one sample."""
         store, metrics = self._store, self._metrics
-        missing = missing_outbox(store)
+        missing = outbox_missing(store.outbox)
         self._health.readiness(missing)
         if missing is not None:
             return
-        pending = store.outbox.count_documents({"status": STATUS_PENDING})
-        dead = store.outbox.count_documents({"status": STATUS_DEAD})
-        oldest = store.outbox.find_one(
-            {"status": STATUS_PENDING}, {"created_at": 1}, sort=[("_id", 1)]
-        )
+        counts = count_by_status(store.outbox, (STATUS_PENDING, STATUS_DEAD))
+        pending, dead = counts[STATUS_PENDING], counts[STATUS_DEAD]
+        oldest = oldest_pending(store.outbox)
         # Set together, after the queries: a scrape sees one sample, not half of two.
         metrics.pending.set(pending)
         metrics.dead_events.set(dead)

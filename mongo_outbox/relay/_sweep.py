@@ -18,13 +18,14 @@ from typing import Any
 from bson import Timestamp
 from pymongo.errors import OperationFailure
 
-from .._event import utcnow
+from .._document import Event, Poison, decode_batch, to_event
+from .._document import lane_of as slot_of
 from .._partition import Partition
 from .._store import OutboxStore, sweep_position
+from .._times import utcnow
 from ._config import RelayConfig
-from ._decode import Event, Poison, decode_batch, to_event
 from ._dispatch import Dispatcher
-from ._ordering import SweepFilter, slot_of
+from ._ordering import SweepFilter
 from ._pipelining import prefetch
 
 __all__ = ["SweepResult", "Sweeper"]
@@ -84,7 +85,7 @@ class Sweeper:
         gate = self._dispatcher.gate
         dead = self._store.dead_keys() if config.dead_key_policy == "hold" else ()
         dead_slots = [s for t, k in dead if (s := self._slot({"topic": t, "key": k}))]
-        filt = SweepFilter(utcnow(), grace, gate.held, dead_slots, slot=self._slot)
+        filt = SweepFilter(utcnow(), grace, gate.held, dead_slots, lane=self._slot)
         # The stream is not consumed during a sweep: the gate is rebuilt from what it finds.
         gate.replace(())
         result = SweepResult(read_at=at)

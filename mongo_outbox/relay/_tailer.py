@@ -20,10 +20,10 @@ from bson.raw_bson import RawBSONDocument
 from pymongo.change_stream import CollectionChangeStream
 from pymongo.errors import OperationFailure
 
+from .._document import Event, Poison
 from .._partition import Partition
 from .._store import PUBLISH_PROJECTION, RAW, OutboxStore
 from ._budget import BudgetQueue, ByteBudget
-from ._decode import Event, Poison
 
 __all__ = ["Change", "Idle", "StreamFailed", "Tailer", "open_stream"]
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
 
-from .._event import ATTR_EVENT_ID, ATTR_EVENT_TYPE
+from .._formats import ATTR_EVENT_ID, ATTR_EVENT_TYPE
 
 if TYPE_CHECKING:
     from .._inbox import Inbox

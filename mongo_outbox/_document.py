@@ -1,4 +1,5 @@
-"""Outbox documents as read from MongoDB become publishable events or poison.
+"""The outbox document's one home: its statuses, how ``emit`` builds it, how the relay and
+replay decode it.
 
 The relay reads documents as raw BSON and decodes each one on its own, so a document that
 cannot be decoded (invalid UTF-8 written by another driver, a date out of range...) is set
@@ -13,16 +14,100 @@ from dataclasses import dataclass
 from typing import Any
 
 import bson
+from bson import ObjectId
 from bson.codec_options import CodecOptions, DatetimeConversion
+from bson.int64 import Int64
 from bson.raw_bson import RawBSONDocument
 from bson.tz_util import utc as _BSON_UTC
 
-from .._errors import PoisonEventError
-from .._event import Message, attempts_of, message_from_document, utc_second
-from .._formats import OUTBOX, MessageFormat
-from ._slots import slot_of
+from ._errors import PoisonEventError
+from ._formats import JSON, OUTBOX, TEXT, MessageFormat
+from ._limits import check_event
+from ._message import Message, message_from_document
+from ._partition import slot_for
+from ._times import utc_second, utcnow
 
-__all__ = ["Event", "Poison", "decode_batch", "decode_document", "event_from_raw", "to_event"]
+__all__ = [
+    "STATUS_DEAD",
+    "STATUS_PENDING",
+    "STATUS_PUBLISHED",
+    "Event",
+    "Poison",
+    "attempts_of",
+    "build_document",
+    "decode_batch",
+    "decode_document",
+    "event_from_raw",
+    "key_of",
+    "lane_of",
+    "to_event",
+]
+
+STATUS_PENDING = "pending"
+STATUS_PUBLISHED = "published"
+STATUS_DEAD = "dead"
+
+
+def build_document(
+    event_type: Any,
+    payload: Any,
+    *,
+    topic: Any = None,
+    key: Any = None,
+    attributes: Any = None,
+    event_id: ObjectId | None = None,
+    created_at: _dt.datetime | None = None,
+    trace: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Validate an event and return its outbox document (raises :class:`ValidationError`).
+
+    ``trace`` is the W3C context to store (``traceparent``, optional ``tracestate``).
+    """
+    event = check_event(event_type, payload, topic, key, attributes)
+    event_id = event_id if event_id is not None else ObjectId()
+    doc = {
+        "_id": event_id,
+        "type": event.event_type,
+        "topic": event.topic,
+        "key": event.key,
+        "payload": event.data,
+        "attributes": event.attributes,
+        "created_at": created_at if created_at is not None else utcnow(),
+        "status": STATUS_PENDING,
+        "attempts": 0,
+        "slot": slot_for(event.key, event_id),
+    }
+    if isinstance(payload, Mapping):
+        doc["content_type"] = JSON
+    elif isinstance(payload, str):
+        doc["content_type"] = TEXT
+    if trace is not None:
+        doc["trace"] = dict(trace)
+    return doc
+
+
+def attempts_of(doc: Mapping[str, Any]) -> int:
+    """The ``attempts`` counter of a document, tolerating a missing or odd value."""
+    value = doc.get("attempts", 0)
+    if isinstance(value, (int, Int64)) and not isinstance(value, bool):
+        return int(value)
+    return 0
+
+
+def key_of(doc: Mapping[str, Any]) -> str | None:
+    """The ordering key of an outbox document (None when absent or malformed)."""
+    key = doc.get("key")
+    return key if isinstance(key, str) and key else None
+
+
+def lane_of(doc: Mapping[str, Any], default_topic: str | None) -> str | None:
+    """The ordering lane of a document: its key on its topic (None without a key)."""
+    key = key_of(doc)
+    if key is None:
+        return None
+    topic = doc.get("topic")
+    return f"{topic if isinstance(topic, str) else default_topic or ''}\n{key}"
+
 
 _STRICT: CodecOptions[dict[str, Any]] = CodecOptions(
     tz_aware=True, datetime_conversion=DatetimeConversion.DATETIME_AUTO
@@ -76,7 +161,7 @@ def decode_document(
         except Exception:
             return Poison(None, 0, reason, len(data))
         return Poison(
-            doc.get("_id"), attempts_of(doc), reason, len(data), slot_of(doc, default_topic)
+            doc.get("_id"), attempts_of(doc), reason, len(data), lane_of(doc, default_topic)
         )
 
 
@@ -106,7 +191,7 @@ def to_event(
     try:
         message = message_from_document(doc, default_topic, fmt)
     except PoisonEventError as exc:
-        slot = slot_of(doc, default_topic)
+        slot = lane_of(doc, default_topic)
         return Poison(doc.get("_id"), attempts_of(doc), f"poison: {exc}", size, slot)
     if message.topic is None:
         return Poison(
