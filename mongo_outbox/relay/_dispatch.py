@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .._errors import NotSentError, PublishError, TransientPublishError
@@ -86,6 +86,25 @@ class Dispatcher:
     def close(self) -> None:
         """Write what is queued and stop the marker thread."""
         self._marker.close()
+
+    @property
+    def held(self) -> frozenset[str]:
+        """The slots whose events wait now."""
+        return self.gate.held
+
+    @property
+    def held_count(self) -> int:
+        """How many slots wait now."""
+        return len(self.gate)
+
+    def hold(self, slots: Iterable[str]) -> None:
+        """Make the events of ``slots`` wait (a sweep found them behind an earlier one)."""
+        self.gate.hold(slots)
+
+    def release_holds(self) -> None:
+        """Let every slot go: a sweep is about to rebuild the holds, or they are another
+        relay's now."""
+        self.gate.replace(())
 
     def dispatch(self, records: Sequence[Event | Poison]) -> set[Any]:
         """Publish ``records`` in order; return the ids published or set aside as dead."""

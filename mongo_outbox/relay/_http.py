@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
-    from ._runner import Relay
+    from ._relay import Relay
 
 __all__ = ["RelayHTTPServer"]
 
