@@ -30,12 +30,13 @@ from mongo_outbox import (
     PermanentPublishError,
     PublishError,
     TransientPublishError,
+    _retry,
 )
 from mongo_outbox._event import build_document, utcnow
+from mongo_outbox._retry import Backoff
 from mongo_outbox._store import Failure
 from mongo_outbox.publishers import InMemoryPublisher, PubSubPublisher
-from mongo_outbox.relay import _backoff, _checkpoint
-from mongo_outbox.relay._backoff import Backoff
+from mongo_outbox.relay import _checkpoint
 from mongo_outbox.relay._budget import BudgetQueue, ByteBudget
 from mongo_outbox.relay._checkpoint import Checkpoint
 from mongo_outbox.relay._config import RelayConfig
@@ -44,6 +45,7 @@ from mongo_outbox.relay._dedup import StreamSweepDedup
 from mongo_outbox.relay._dispatch import Dispatcher
 from mongo_outbox.relay._gate import KeyGate, TopicBreaker
 from mongo_outbox.relay._ordering import message_slot
+from mongo_outbox.relay._publishing import FencedPublisher
 from mongo_outbox.relay._stats import RelayStats
 
 # A generous bound for anything that must happen "soon" (never hit when the code is right).
@@ -268,7 +270,7 @@ class FakeClock:
 @pytest.fixture
 def fixed_jitter(monkeypatch):
     """Every backoff delay at 75% of its base."""
-    monkeypatch.setattr(_backoff.random, "uniform", lambda a, b: 0.75)
+    monkeypatch.setattr(_retry.random, "uniform", lambda a, b: 0.75)
 
 
 def test_breaker_isolates_only_after_isolate_after_seconds_of_failing(fixed_jitter):
@@ -316,7 +318,7 @@ def test_breaker_allows_again_after_the_backoff_then_isolates_at_once_for_longer
 
 def test_breaker_second_isolation_is_longer_on_average(monkeypatch):
     values = iter([1.0, 0.5])  # worst case: a full first delay, the least jittered second one
-    monkeypatch.setattr(_backoff.random, "uniform", lambda a, b: next(values))
+    monkeypatch.setattr(_retry.random, "uniform", lambda a, b: next(values))
     clock = FakeClock()
     breaker = TopicBreaker(0.0, Backoff(2.0, 60.0), clock=clock)
     assert breaker.failed("a")
@@ -798,7 +800,7 @@ def kit():
     def make(publisher: Any = None, config: RelayConfig = CONFIG, remaining: float = 5.0) -> Kit:
         publisher = publisher if publisher is not None else InMemoryPublisher()
         store, lease, stats = RecordingStore(), FakeLease(remaining), RelayStats()
-        dispatcher = Dispatcher(publisher, store, lease, config, stats)
+        dispatcher = Dispatcher(FencedPublisher(publisher, lease), store, config, stats)
         stop = threading.Event()
         dispatcher.start(stop)
         made.append(dispatcher)

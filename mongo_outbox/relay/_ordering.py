@@ -13,8 +13,8 @@ from typing import Any
 
 from .._errors import PublishError, TransientPublishError
 from .._event import as_utc
+from .._retry import Backoff
 from .._store import Failure
-from ._backoff import Backoff
 from ._decode import Event
 from ._slots import key_of, message_slot, slot_of
 

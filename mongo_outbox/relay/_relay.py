@@ -27,6 +27,7 @@ from ._health import Health
 from ._lease import new_owner_id
 from ._metrics import RelayMetrics
 from ._progress import Progress
+from ._publishing import timed
 from ._sampler import Sampler, missing_outbox
 from ._shared import Shared
 from ._stats import RelayStats
@@ -58,7 +59,7 @@ class Relay:
         self._stop = threading.Event()
         shared = Shared(
             self.store,
-            publisher,
+            timed(publisher, self.metrics.publish_duration.observe),
             config,
             self.metrics,
             config.owner or new_owner_id(),

@@ -17,7 +17,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 
 from .._errors import ConfigurationError, LeaseLostError
 from .._partition import Partition
-from ._backoff import Backoff
+from .._retry import Backoff
 from ._checkpoint import Checkpoint
 from ._dedup import StreamSweepDedup
 from ._dispatch import Dispatcher
@@ -26,6 +26,7 @@ from ._keeper import await_lease, await_outbox, keep_renewed, release_lease
 from ._lease import Lease
 from ._metrics import PartitionState
 from ._pipeline import Pipeline, StreamError
+from ._publishing import FencedPublisher
 from ._shared import Shared
 from ._stats import RelayStats
 from ._sweep import Sweeper
@@ -61,9 +62,8 @@ class Worker:
         self.checkpoint = Checkpoint(shared.store, state_id, self.lease, config.checkpoint_interval)
         self.dedup = StreamSweepDedup()
         self.dispatcher = Dispatcher(
-            shared.publisher,
+            FencedPublisher(shared.publisher, self.lease),
             shared.store,
-            self.lease,
             config,
             self.stats,
             shared.metrics,
