@@ -248,7 +248,7 @@ def test_run_once_of_a_member_forgets_its_partition_relays(client, db_name):
     relay = Relay(client, InMemoryPublisher(), config)
     assert relay.run_once() == 40
     assert relay.run_once() == 0
-    assert relay._partitions == []  # each partition's relay retired, its counters kept
+    assert relay._role._workers == {}  # each partition's worker retired, its counters kept
     assert relay.stats.published == 40
 
 
@@ -257,10 +257,36 @@ def test_a_members_partitions_share_its_memory_budget(client, db_name):
         database=db_name, partitions=4, queue_bytes=40_000_000, max_batch_bytes=20_000_000
     )
     relay = Relay(client, InMemoryPublisher(), config)
-    parts = [relay._enlist(Partition(i, 4)) for i in range(4)]
-    # One queue budget for all (not a share each), one sweep at a time, a share of the batches.
-    assert {id(p._queue_budget) for p in parts} == {id(relay._queue_budget)}
-    assert relay._queue_budget.max_bytes == config.queue_bytes
-    assert {id(p._sweep_turn) for p in parts} == {id(relay._sweep_turn)}
-    assert sum(p.config.max_batch_bytes for p in parts) <= config.max_batch_bytes
-    assert all(p.config.name == config.name for p in parts)
+    parts = [relay._role._worker(i) for i in range(4)]
+    # One queue budget and one sweep turn for all of them; batches of a share of the bytes.
+    assert len({id(p._shared.queue_budget) for p in parts}) == 1
+    assert parts[0]._shared.queue_budget.max_bytes <= config.queue_bytes
+    assert len({id(p._shared.sweep_turn) for p in parts}) == 1
+    assert sum(p._shared.config.max_batch_bytes for p in parts) <= config.max_batch_bytes
+    assert all(p._shared.config.name == config.name for p in parts)
+
+
+def test_a_members_restarts_are_counted(client, db_name, relay_factory, monkeypatch):
+    from mongo_outbox.relay import _pipeline
+
+    run = _pipeline.Pipeline.run
+    failed: list[bool] = []
+
+    def fail_once(self: _pipeline.Pipeline) -> None:
+        if not failed:
+            failed.append(True)
+            raise AutoReconnect("MongoDB went away for a moment")
+        run(self)
+
+    monkeypatch.setattr(_pipeline.Pipeline, "run", fail_once)
+    _emit(client, db_name, 10, keys=4)
+    runner = relay_factory(
+        db_name,
+        publisher=InMemoryPublisher(),
+        owner="member-a",
+        default_topic="orders",
+        partitions=2,
+        transient_initial=0.05,
+    )
+    wait_for(lambda: runner.relay.stats.published == 10, timeout=30)
+    assert runner.relay.stats.restarts == 1

@@ -69,7 +69,7 @@ def test_undecodable_document_on_the_stream_is_dead_and_the_relay_goes_on(
 ):
     memory = InMemoryPublisher()
     relay = relay_factory(db_name, publisher=memory, default_topic="t")
-    wait_for(lambda: relay.relay.checkpoint.token is not None)  # tailing the stream now
+    wait_for(lambda: relay.relay._role.checkpoint.token is not None)  # tailing the stream now
     before = _emit(client, db_name, 50)
     bad_id = ObjectId()
     client[db_name].outbox.insert_one(_invalid_utf8(_id=bad_id))
@@ -112,7 +112,7 @@ def test_oversized_document_is_dead_at_once_and_other_topics_flow(
     big_topic, _ = pubsub.topic()
     topic, sub = pubsub.topic()
     relay = relay_factory(db_name, default_topic=topic)
-    wait_for(lambda: relay.relay.checkpoint.token is not None)
+    wait_for(lambda: relay.relay._role.checkpoint.token is not None)
     huge = _doc(topic=big_topic, key="k", payload=b"x" * (MAX_MESSAGE_BYTES + 1_000_000))
     started = time.monotonic()
     client[db_name].outbox.insert_one(huge)
@@ -255,16 +255,20 @@ def test_restart_backoff_resets_after_a_steady_run(client, db_name, monkeypatch)
     attempts: list[int] = []
     runs = iter([0, 0, 0, 5, 0, "stop"])
 
-    def pipeline(*, once: bool) -> None:
-        step = next(runs)
-        if step == "stop":
-            relay.stop()
-            return
-        relay._steady = bool(step)  # this run consumed the stream for a while without failing
-        raise PyMongoError("connection lost")
+    class Run:
+        steady = False
 
-    monkeypatch.setattr(relay, "_pipeline", pipeline)
-    monkeypatch.setattr(relay, "_restarts", _RecordingBackoff(attempts))
+        def run(self) -> None:
+            step = next(runs)
+            if step == "stop":
+                relay.stop()
+                return
+            self.steady = bool(step)  # consumed the stream for a while without failing
+            raise PyMongoError("connection lost")
+
+    worker = relay._role
+    monkeypatch.setattr(worker, "_pipeline", lambda stop, *, once: Run())
+    monkeypatch.setattr(worker, "_restarts", _RecordingBackoff(attempts))
     relay.run(threading.Event())
     assert attempts == [1, 2, 3, 1, 2]
 
@@ -319,7 +323,7 @@ def test_undecodable_bytes_in_the_state_document_do_not_stop_the_relay(client, d
     relay = Relay(client, memory, RelayConfig(database=db_name, default_topic="t", lease_ttl=2))
     assert relay.run_once() == 3
     assert [m.event_id for m in memory.messages] == good
-    assert relay.lease.fence is None  # released; the fence it held was repaired to a number
+    assert relay._role.lease.fence is None  # released; the fence it held was repaired to a number
     lenient = CodecOptions(unicode_decode_error_handler="replace")
     doc = client[db_name].get_collection("outbox_relay_state", codec_options=lenient).find_one()
     assert isinstance(doc["fence"], int)

@@ -218,10 +218,10 @@ def test_low_oplog_headroom_is_warned_about_before_the_token_is_lost(caplog, ser
         runner = RelayThread(relay).start()
         port = served(relay)
         try:
-            wait_for(lambda: relay.checkpoint.token is not None)
+            wait_for(lambda: relay._role.checkpoint.token is not None)
             _emit(client, db, 1, topic="sick-topic")
             wait_for(lambda: memory.calls > 0)
-            token = relay.checkpoint.token
+            token = relay._role.checkpoint.token
             junk = client[db].junk
 
             def warned() -> bool:

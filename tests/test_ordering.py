@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 
 import pytest
 from bson import ObjectId
 
-from mongo_outbox import Message, PermanentPublishError, TransientPublishError
+from mongo_outbox import Message, PermanentPublishError, TransientPublishError, _retry
 from mongo_outbox._document import Event, key_of, to_event
+from mongo_outbox._retry import Backoff
 from mongo_outbox._store import Failure
 from mongo_outbox._times import as_utc
-from mongo_outbox.relay import _backoff
-from mongo_outbox.relay._backoff import Backoff
 from mongo_outbox.relay._ordering import SweepFilter, classify
 
 UTC = dt.timezone.utc
@@ -231,7 +232,7 @@ def test_permanent_error_counts_an_attempt_and_blocks_the_key():
 
 @pytest.mark.parametrize("jitter", [0.5, 1.0])
 def test_permanent_error_backoff_bounds(monkeypatch, jitter):
-    monkeypatch.setattr(_backoff.random, "uniform", lambda a, b: a if jitter == 0.5 else b)
+    monkeypatch.setattr(_retry.random, "uniform", lambda a, b: a if jitter == 0.5 else b)
     sent = _sent("k", attempts=0)
     outcome = _classify(sent, [PermanentPublishError("no")], retry_initial=2.0)
     failure = outcome.failures[0]
@@ -335,6 +336,59 @@ def test_backoff_is_capped_for_huge_attempt_counts():
     # 2.0 ** 1999 would overflow a float; the delay must still be capped at the maximum.
     for attempts in (1025, 2000, 10**6):
         assert 150.0 <= Backoff(1.0, 300.0).delay(attempts) <= 300.0
+
+
+def test_retrying_retries_what_it_is_told_then_returns():
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("not yet")
+        return "done"
+
+    retrying = Backoff(0.001, 0.002).retrying(threading.Event(), ConnectionError)
+    assert retrying(flaky) == "done"
+    assert len(calls) == 3
+
+
+def test_retrying_raises_at_once_what_it_is_not_told_to_retry():
+    calls = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        Backoff(0.001, 0.002).retrying(threading.Event(), ConnectionError)(broken)
+    assert len(calls) == 1
+
+
+def test_retrying_gives_up_after_its_limit_with_the_last_error():
+    def down() -> None:
+        raise ConnectionError("down")
+
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match="down"):
+        Backoff(0.01, 0.01).retrying(threading.Event(), ConnectionError, give_up_after=0.2)(down)
+    assert 0.2 <= time.monotonic() - started < 5
+
+
+def test_a_stop_cuts_a_retry_wait_short():
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        Backoff(60.0, 60.0).retrying(stop, ConnectionError)(_always_down)
+    assert time.monotonic() - started < 5  # not the 30-60 s wait
+    assert Backoff(60.0, 60.0).pause(1, stop)  # already stopped: no wait at all
+
+
+def _always_down() -> None:
+    raise ConnectionError("down")
+
+
+# -- ordering slots: a key on a topic -------------------------------------------------------
 
 
 # -- ordering lanes: a key on a topic -------------------------------------------------------

@@ -108,7 +108,7 @@ def test_a_relay_that_loses_its_lease_stops_publishing(client, db_name, relay_fa
         {"$set": {"lease_owner": "thief", "lease_expires_at": far}, "$inc": {"fence": 1}},
     )
     token_then = state.find_one({"_id": "default"})["resume_token"]
-    wait_for(lambda: not relay.relay.lease.held, timeout=5)
+    wait_for(lambda: not relay.relay._role.lease.held, timeout=5)
     with outbox_transaction(client, database=db_name) as tx:
         during = tx.emit("E", b"during")
     time.sleep(2)  # the fault is the absence of publishing: give it time to (wrongly) happen

@@ -30,6 +30,7 @@ from mongo_outbox import (
     PermanentPublishError,
     PublishError,
     TransientPublishError,
+    _retry,
 )
 from mongo_outbox._document import (
     Event,
@@ -40,17 +41,18 @@ from mongo_outbox._document import (
     to_event,
 )
 from mongo_outbox._message import message_lane
+from mongo_outbox._retry import Backoff
 from mongo_outbox._store import Failure
 from mongo_outbox._times import utcnow
 from mongo_outbox.publishers import InMemoryPublisher, PubSubPublisher
-from mongo_outbox.relay import _backoff, _checkpoint
-from mongo_outbox.relay._backoff import Backoff
+from mongo_outbox.relay import _checkpoint
 from mongo_outbox.relay._budget import BudgetQueue, ByteBudget
 from mongo_outbox.relay._checkpoint import Checkpoint
 from mongo_outbox.relay._config import RelayConfig
 from mongo_outbox.relay._dedup import StreamSweepDedup
 from mongo_outbox.relay._dispatch import Dispatcher
 from mongo_outbox.relay._gate import KeyGate, TopicBreaker
+from mongo_outbox.relay._publishing import FencedPublisher
 from mongo_outbox.relay._stats import RelayStats
 
 # A generous bound for anything that must happen "soon" (never hit when the code is right).
@@ -275,7 +277,7 @@ class FakeClock:
 @pytest.fixture
 def fixed_jitter(monkeypatch):
     """Every backoff delay at 75% of its base."""
-    monkeypatch.setattr(_backoff.random, "uniform", lambda a, b: 0.75)
+    monkeypatch.setattr(_retry.random, "uniform", lambda a, b: 0.75)
 
 
 def test_breaker_isolates_only_after_isolate_after_seconds_of_failing(fixed_jitter):
@@ -323,7 +325,7 @@ def test_breaker_allows_again_after_the_backoff_then_isolates_at_once_for_longer
 
 def test_breaker_second_isolation_is_longer_on_average(monkeypatch):
     values = iter([1.0, 0.5])  # worst case: a full first delay, the least jittered second one
-    monkeypatch.setattr(_backoff.random, "uniform", lambda a, b: next(values))
+    monkeypatch.setattr(_retry.random, "uniform", lambda a, b: next(values))
     clock = FakeClock()
     breaker = TopicBreaker(0.0, Backoff(2.0, 60.0), clock=clock)
     assert breaker.failed("a")
@@ -805,7 +807,7 @@ def kit():
     def make(publisher: Any = None, config: RelayConfig = CONFIG, remaining: float = 5.0) -> Kit:
         publisher = publisher if publisher is not None else InMemoryPublisher()
         store, lease, stats = RecordingStore(), FakeLease(remaining), RelayStats()
-        dispatcher = Dispatcher(publisher, store, lease, config, stats)
+        dispatcher = Dispatcher(FencedPublisher(publisher, lease), store, config, stats)
         stop = threading.Event()
         dispatcher.start(stop)
         made.append(dispatcher)
@@ -964,7 +966,7 @@ def test_dispatch_isolates_a_failing_topic_while_others_are_published(kit):
     assert k.dispatcher.breaker.isolated == []
     # Held slots wait for the sweep to rebuild the gate.
     assert k.dispatcher.dispatch([a1, a3]) == set()
-    k.dispatcher.gate.replace(())
+    k.dispatcher.release_holds()
     assert k.dispatcher.dispatch([a1, a3]) == set(_ids([a1, a3]))
     assert _sent(k.publisher) == _ids([b1, b2, a4, a1, a3])
 

@@ -18,7 +18,8 @@ class Publisher(Protocol):
     ``publish`` returns one entry per message, in order: ``None`` when the broker confirmed it,
     else the :class:`~mongo_outbox.PublishError` (transient or permanent) that stopped it.
     Messages sharing an ordering key must reach the broker in the order given; once one of
-    them fails, the later ones of that key must not be sent (report them failed too).
+    them fails, the later ones of that key must not be sent (report them with
+    :class:`~mongo_outbox.NotSentError`, which counts nothing against their topic).
     Every message has a topic (the relay applies its default before calling).
     """
 

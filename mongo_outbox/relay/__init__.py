@@ -1,6 +1,6 @@
 """The relay: change stream and sweeps to a publisher."""
 
 from ._config import RelayConfig
-from ._runner import Relay, RelayStats
+from ._relay import Relay, RelayStats
 
 __all__ = ["Relay", "RelayConfig", "RelayStats"]

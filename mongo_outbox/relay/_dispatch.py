@@ -1,8 +1,8 @@
 """Publish events in order, retry what failed transiently, record every outcome.
 
 The dispatcher owns the rules of one publish round: poison is set aside as dead at once; events
-of a held slot or an isolated topic stay ``pending``; every publish call is preceded by a check of
-the lease's fence on the server and never outlives the lease;
+of a held slot or an isolated topic stay ``pending``; it publishes through its worker's
+:class:`~mongo_outbox.relay._publishing.FencedPublisher` (fenced by the lease, within it);
 transient failures are retried in place with backoff until their topic is isolated; permanent
 ones count an attempt (see :func:`~mongo_outbox.relay._ordering.classify`).
 """
@@ -12,21 +12,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .._cloudlog import TRACEPARENT
 from .._document import Event, Poison
 from .._errors import NotSentError, PublishError, TransientPublishError
 from .._message import message_lane as message_slot
+from .._retry import Backoff
 from .._store import Failure, OutboxStore
 from .._times import utcnow
 from .._trace_context import ATTR_TRACEPARENT
 from ..publishers import Publisher
-from ._backoff import Backoff
 from ._config import RelayConfig
 from ._gate import KeyGate, TopicBreaker
-from ._lease import Lease
 from ._metrics import RelayMetrics
 from ._ordering import Outcome, classify
 from ._pipelining import Marker
@@ -44,7 +43,6 @@ class Dispatcher:
         self,
         publisher: Publisher,
         store: OutboxStore,
-        lease: Lease,
         config: RelayConfig,
         stats: RelayStats,
         metrics: RelayMetrics | None = None,
@@ -52,16 +50,10 @@ class Dispatcher:
     ) -> None:
         self._publisher = publisher
         self._store = store
-        self._lease = lease
         self._config = config
         self._stats = stats
         self._metrics = metrics or RelayMetrics("-", "-")
         self._on_progress = on_progress
-        # A publisher that reports each Publish request's duration is timed per request (the
-        # metric's contract); any other, per publish call.
-        self._times_requests = hasattr(publisher, "on_request")
-        if self._times_requests:
-            publisher.on_request = self._metrics.publish_duration.observe  # type: ignore[attr-defined]
         self._stop = threading.Event()
         #: created_at to confirmation of the last event published (seconds).
         self.last_lag: float | None = None
@@ -89,6 +81,25 @@ class Dispatcher:
     def close(self) -> None:
         """Write what is queued and stop the marker thread."""
         self._marker.close()
+
+    @property
+    def held(self) -> frozenset[str]:
+        """The slots whose events wait now."""
+        return self.gate.held
+
+    @property
+    def held_count(self) -> int:
+        """How many slots wait now."""
+        return len(self.gate)
+
+    def hold(self, slots: Iterable[str]) -> None:
+        """Make the events of ``slots`` wait (a sweep found them behind an earlier one)."""
+        self.gate.hold(slots)
+
+    def release_holds(self) -> None:
+        """Let every slot go: a sweep is about to rebuild the holds, or they are another
+        relay's now."""
+        self.gate.replace(())
 
     def dispatch(self, records: Sequence[Event | Poison]) -> set[Any]:
         """Publish ``records`` in order; return the ids published or set aside as dead."""
@@ -144,16 +155,8 @@ class Dispatcher:
         pending = events
         rounds = 0
         while pending:
-            # On the server: a lease whose fence moved (taken over after a pause) publishes
-            # nothing more.
-            self._lease.confirm()
             log.debug("publishing %d event(s)", len(pending))
-            started = time.perf_counter()
-            results = self._publisher.publish(
-                [e.message for e in pending], timeout=self._lease.remaining()
-            )
-            if not self._times_requests:
-                self._metrics.publish_duration.observe(time.perf_counter() - started)
+            results = self._publisher.publish([e.message for e in pending])
             now = utcnow()
             outcome = classify(
                 pending,
@@ -198,7 +201,7 @@ class Dispatcher:
                 rounds += 1
                 first = next((e for e in results if isinstance(e, TransientPublishError)), None)
                 log.warning("%d events failed transiently (%s); retrying", len(pending), first)
-                if self._stop.wait(self._transient.delay(rounds)):
+                if self._transient.pause(rounds, self._stop):
                     break  # stopping: what is left stays pending for the next start
         return handled
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from ._backoff import Backoff
+from .._retry import Backoff
 
 __all__ = ["KeyGate", "TopicBreaker"]
 

@@ -20,7 +20,7 @@ from prometheus_client import make_wsgi_app
 from waitress.server import create_server
 
 if TYPE_CHECKING:
-    from ._runner import Relay
+    from ._relay import Relay
 
 __all__ = ["RelayHTTPServer"]
 

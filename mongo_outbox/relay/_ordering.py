@@ -14,9 +14,9 @@ from typing import Any
 from .._document import Event, key_of
 from .._errors import PublishError, TransientPublishError
 from .._message import message_lane
+from .._retry import Backoff
 from .._store import Failure
 from .._times import as_utc
-from ._backoff import Backoff
 
 __all__ = ["Outcome", "SweepFilter", "classify"]
 

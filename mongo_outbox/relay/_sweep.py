@@ -82,12 +82,12 @@ class Sweeper:
 
     def _sweep(self, grace: float | None, at: Timestamp, stop: threading.Event) -> SweepResult:
         config, partition = self._config, self._partition
-        gate = self._dispatcher.gate
+        dispatcher = self._dispatcher
         dead = self._store.dead_keys() if config.dead_key_policy == "hold" else ()
         dead_slots = [s for t, k in dead if (s := self._slot({"topic": t, "key": k}))]
-        filt = SweepFilter(utcnow(), grace, gate.held, dead_slots, lane=self._slot)
-        # The stream is not consumed during a sweep: the gate is rebuilt from what it finds.
-        gate.replace(())
+        filt = SweepFilter(utcnow(), grace, dispatcher.held, dead_slots, lane=self._slot)
+        # The stream is not consumed during a sweep: the holds are rebuilt from what it finds.
+        dispatcher.release_holds()
         result = SweepResult(read_at=at)
         batch: list[Event | Poison] = []
         size = 0
@@ -118,7 +118,7 @@ class Sweeper:
                         batch.append(record)
                         size += record.size
                         if len(batch) >= config.batch_size or size >= config.max_batch_bytes:
-                            result.handled |= self._dispatcher.dispatch(batch)
+                            result.handled |= dispatcher.dispatch(batch)
                             batch, size = [], 0
                     if stop.is_set():
                         break
@@ -132,7 +132,7 @@ class Sweeper:
                     "sweep snapshot became too old; resuming after _id %r at a newer one", after
                 )
         if batch and not stop.is_set():
-            result.handled |= self._dispatcher.dispatch(batch)
-        gate.hold(filt.waiting)
+            result.handled |= dispatcher.dispatch(batch)
+        dispatcher.hold(filt.waiting)
         result.done = time.monotonic()
         return result
