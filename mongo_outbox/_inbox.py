@@ -13,7 +13,7 @@ import datetime as _dt
 import inspect
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -236,36 +236,108 @@ class Inbox:
                 "calls handlers in threads. With an async client, await inbox.process(message, "
                 "handler) from your own subscriber."
             )
-        from google.cloud import pubsub_v1
 
-        stop = stop or threading.Event()
+        from ._inbox_pull import ACK_DEADLINE, BatchSubscriber, make_subscriber_client
+
+        lease = ACK_DEADLINE
+        if flow_control is not None:
+            max_messages = int(flow_control.max_messages) or max_messages
+            max_bytes = int(flow_control.max_bytes) or max_bytes
+            lease = int(flow_control.max_duration_per_lease_extension) or lease
         own = subscriber is None
-        client = pubsub_v1.SubscriberClient() if own else subscriber
-        flow = flow_control or pubsub_v1.types.FlowControl(
-            max_messages=max_messages, max_bytes=max_bytes
-        )
-        future = client.subscribe(
-            subscription,
-            self._callback(_dispatch(self, handler)),
-            flow_control=flow,
-            await_callbacks_on_shutdown=True,
-        )
+        client = make_subscriber_client() if own else subscriber
+        run = _dispatch(self, handler)
         try:
-            while not stop.wait(0.2) and not future.done():
-                pass
+            BatchSubscriber(
+                client,
+                subscription,
+                lambda messages: self._process_batch(messages, run),
+                max_messages=max_messages,
+                max_bytes=max_bytes,
+                ack_deadline=lease,
+            ).run(stop or threading.Event())
         finally:
-            future.cancel()  # stops pulling; waits for the callbacks running
-            try:
-                future.result(timeout=60)
-            except Exception as exc:
-                if not stop.is_set() or not _is_cancellation(exc):
-                    raise
-            finally:
-                if own:
-                    client.close()
+            if own:
+                client.close()
 
-    def _callback(self, handler: Callable[[OutboxTransaction, Any], Any]) -> Callable[[Any], None]:
-        def callback(message: Any) -> None:
+    def _process_batch(self, messages: Sequence[Any], handler: Callable[[Any, Any], Any]) -> None:
+        """Process ``messages`` in one transaction and ack them. When a handler raises, its
+        message is nacked (with the later messages of its key, on an ordered subscription) and
+        the others are processed again one transaction each, so they lose nothing by it."""
+        records_of = self.client[self.database][self.collection]
+        records = [self._record(m) for m in messages]
+        failed: list[Any] = []
+
+        def body(tx: OutboxTransaction) -> list[Any]:
+            ids = [r["_id"] for r in records]
+            seen = records_of.find({"_id": {"$in": ids}}, {"_id": 1}, session=tx.session)
+            done = {d["_id"]["event_id"] for d in seen}
+            fresh, fresh_records = [], []
+            for message, record in zip(messages, records, strict=True):
+                event_id = record["_id"]["event_id"]
+                if event_id not in done:
+                    done.add(event_id)  # a message twice in one batch runs once
+                    fresh.append(message)
+                    fresh_records.append(record)
+            if fresh_records:
+                records_of.insert_many(fresh_records, session=tx.session)
+            for message in fresh:
+                try:
+                    handler(tx, message)
+                except BaseException:
+                    failed.append(message)
+                    raise
+            return fresh
+
+        try:
+            ran = self._transaction(body)
+        except Exception as exc:
+            self._after_failed_batch(messages, failed[-1:], handler, exc)
+            return
+        with self._stats_lock:
+            self.stats.processed += len(ran)
+            self.stats.duplicates += len(messages) - len(ran)
+        for message in ran:
+            self._after_commit(message)
+        if len(ran) < len(messages) and log.isEnabledFor(logging.DEBUG):
+            for message in set(messages).difference(ran):
+                event = message.attributes.get(ATTR_EVENT_ID) or message.message_id
+                log.debug("event %s already processed; acked", event)
+        for message in messages:
+            message.ack()
+
+    def _after_failed_batch(
+        self,
+        messages: Sequence[Any],
+        failed: list[Any],
+        handler: Callable[[Any, Any], Any],
+        exc: Exception,
+    ) -> None:
+        failed_keys: set[str] = set()
+        for message in failed:
+            event = message.attributes.get(ATTR_EVENT_ID) or message.message_id
+            log.error(
+                "handler failed on event %s; nacked, Pub/Sub will redeliver it",
+                event,
+                exc_info=exc,
+                extra={"event_id": event},
+            )
+            self._count("failed")
+            failed_keys.add(getattr(message, "ordering_key", ""))
+            message.nack()
+        callback = self._callback(handler)
+        for message in messages:
+            if message in failed:
+                continue
+            key = getattr(message, "ordering_key", "")
+            if key and key in failed_keys:
+                message.nack()  # its key's earlier message comes again first
+            elif not callback(message):
+                failed_keys.add(key)
+
+    def _callback(self, handler: Callable[[OutboxTransaction, Any], Any]) -> Callable[[Any], bool]:
+        def callback(message: Any) -> bool:
+            """Process ``message`` and ack it; nack it when its handler fails (False)."""
             event = message.attributes.get(ATTR_EVENT_ID) or message.message_id
             try:
                 ran = self.process(message, handler)
@@ -276,12 +348,13 @@ class Inbox:
                     extra={"event_id": event},
                 )
                 message.nack()
-                return
+                return False
             if ran:
                 self._after_commit(message)
             else:
                 log.debug("event %s already processed; acked", event)
             message.ack()
+            return True
 
         return callback
 

@@ -428,3 +428,58 @@ def test_another_ttl_index_on_published_at_is_refused_by_name(client, db_name):
 def test_a_retention_under_a_second_is_refused(client, db_name):
     with pytest.raises(ConfigurationError, match="at least one second"):
         ensure_indexes(client, db_name, retention=0.5)
+
+
+@pytest.mark.parametrize("size", [5_000_000, 9_900_000])
+def test_messages_up_to_pub_subs_10_mb_arrive(client, db_name, inbox, pubsub_subscription, size):
+    big = pubsub_subscription.publish(b"x" * size, key="big")
+    small = pubsub_subscription.publish(b"{}", key="small")
+
+    def handle(tx, message):
+        client[db_name].effects.insert_one(
+            {"event": message.attributes["outbox_event_id"], "size": len(message.data)},
+            session=tx.session,
+        )
+
+    with Running(inbox, pubsub_subscription.path, handle):
+        wait_for(lambda: client[db_name].effects.count_documents({}) == 2, timeout=60)
+    sizes = {e["event"]: e["size"] for e in _effects(client, db_name)}
+    assert sizes == {big: size, small: 2}
+
+
+def test_an_exactly_once_delivery_subscription_works(
+    client, db_name, inbox, pubsub_emulator_host, pubsub_project
+):
+    from mongo_outbox.testing import EmulatorSubscription
+
+    subscription = EmulatorSubscription(pubsub_project, ordered=False, exactly_once=True)
+    try:
+        sent = [subscription.publish(b"{}", key=f"k{i % 3}") for i in range(30)]
+        twice = subscription.deliver_twice(b"{}")
+        with Running(inbox, subscription.path, _record_effect(client, db_name)):
+            wait_for(lambda: client[db_name].inbox.count_documents({}) == 31, timeout=60)
+        assert sorted(e["event"] for e in _effects(client, db_name)) == sorted([*sent, twice])
+    finally:
+        subscription.close()
+
+
+def test_a_failing_message_takes_no_neighbours_effects_with_it(
+    client, db_name, inbox, pubsub_subscription, acks
+):
+    sent = [pubsub_subscription.publish(b"{}", key=f"k{i}") for i in range(10)]
+    poison, tries = sent[4], []
+
+    def handle(tx, message):
+        event = message.attributes["outbox_event_id"]
+        tries.append(event)
+        _record_effect(client, db_name)(tx, message)
+        if event == poison and tries.count(poison) == 1:
+            raise RuntimeError("fails once")
+
+    with Running(inbox, pubsub_subscription.path, handle, max_messages=100):
+        wait_for(lambda: client[db_name].effects.count_documents({}) == 10, timeout=60)
+        wait_for(lambda: len(acks["ack"]) == 10, timeout=30)
+    assert sorted(e["event"] for e in _effects(client, db_name)) == sorted(sent)
+    assert acks["nack"] == [poison]  # only the failing one came again
+    assert tries.count(poison) == 2
+    assert inbox.stats.failed == 1

@@ -27,7 +27,14 @@ class EmulatorSubscription:
     can check that its consumer's effect happens once.
     """
 
-    def __init__(self, project: str, name: str | None = None, *, ordered: bool = True) -> None:
+    def __init__(
+        self,
+        project: str,
+        name: str | None = None,
+        *,
+        ordered: bool = True,
+        exactly_once: bool = False,
+    ) -> None:
         from google.cloud import pubsub_v1
 
         name = name or f"t-{uuid.uuid4().hex[:10]}"
@@ -46,6 +53,7 @@ class EmulatorSubscription:
                 "name": self.path,
                 "topic": self.topic_path,
                 "enable_message_ordering": ordered,
+                "enable_exactly_once_delivery": exactly_once,
                 "ack_deadline_seconds": 10,
             }
         )
