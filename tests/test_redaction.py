@@ -39,7 +39,12 @@ _parts = st.lists(
 ).map("".join)
 # Around a random piece long enough that finding it in an output can only mean a leak.
 passwords = st.tuples(
-    _parts, st.text(string.ascii_letters + string.digits, min_size=LEAK_PIECE, max_size=10), _parts
+    _parts,
+    # Letters and digits both: a word alone ("logger") can be a field name of the format.
+    st.text(string.ascii_letters + string.digits, min_size=LEAK_PIECE, max_size=10).filter(
+        lambda s: not s.isalpha() and not s.isdigit()
+    ),
+    _parts,
 ).map("".join)
 
 
