@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from ._errors import ValidationError
 from ._formats import (
@@ -191,6 +191,14 @@ class CheckedEvent(NamedTuple):
 _new_tuple = tuple.__new__
 
 
+def _too_big(event_type: Any, size: int) -> NoReturn:
+    raise ValidationError(
+        f"event {event_type!r} would make a {size:,}-byte message; Pub/Sub accepts at most "
+        f"{MAX_MESSAGE_BYTES:,} bytes of data and attributes: store the body elsewhere "
+        "and publish a reference to it"
+    )
+
+
 def check_event(
     event_type: Any,
     payload: Any,
@@ -227,11 +235,7 @@ def check_event(
     data = payload if type(payload) is bytes else encode_payload(payload)
     size = len(data) + key_bytes + attrs_bytes + reserve + type_bytes
     if size > MAX_MESSAGE_BYTES:
-        raise ValidationError(
-            f"event {event_type!r} would make a {size:,}-byte message; Pub/Sub accepts at most "
-            f"{MAX_MESSAGE_BYTES:,} bytes of data and attributes: store the body elsewhere "
-            "and publish a reference to it"
-        )
+        _too_big(event_type, size)
     # What CheckedEvent(...) does, minus its Python-level __new__ (the relay checks every event).
     return _new_tuple(CheckedEvent, (event_type, topic, key, attrs, data, size))
 
@@ -254,9 +258,5 @@ def check_event_in_full(
     data = encode_payload(payload)
     size = len(data) + key_bytes + attrs_bytes + reserve + type_bytes
     if size > MAX_MESSAGE_BYTES:
-        raise ValidationError(
-            f"event {event_type!r} would make a {size:,}-byte message; Pub/Sub accepts at most "
-            f"{MAX_MESSAGE_BYTES:,} bytes of data and attributes: store the body elsewhere "
-            "and publish a reference to it"
-        )
+        _too_big(event_type, size)
     return CheckedEvent(event_type, topic, key, attrs, data, size)
